@@ -1,0 +1,570 @@
+"""Run configuration: kw-only dataclasses, YAML loading, dotted overrides, strict validation.
+
+One YAML file describes a whole run. `load_config(path, overrides)` builds the dataclasses,
+coercing values to the declared types, and collects *every* problem (unknown key, wrong type,
+out-of-range value, inconsistent fields) before raising one `ConfigError` that lists them all.
+The core never imports Ray; a config crosses into Ray workers as `to_dict(cfg)` and is rebuilt
+with `from_dict` on the worker side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SIGNALS = ("rouge", "nll", "teacher_nll", "kd_gap")
+KD_KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the training records come from and how they become token ids."""
+
+    source: str = "builtin"
+    """`builtin` (the generated task set), a JSONL/JSON/parquet file, a directory of them,
+    or a Hugging Face datasets name (format: hf)."""
+    format: Literal["auto", "jsonl", "json", "parquet", "dir", "hf"] = "auto"
+    split: str = "train"
+    """Split to read when format is hf."""
+    limit: int | None = None
+    """Read only the first `limit` records (None = all)."""
+    builtin_size: int = 1200
+    """Number of generated records when source is builtin."""
+    eval_fraction: float = 0.1
+    """Held-out share of the records (by sample id hash) for evaluation / plateau checks."""
+    max_prompt_length: int = 256
+    max_length: int = 512
+    on_bad_record: Literal["error", "skip"] = "error"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.limit is not None and self.limit < 1:
+            out.append(f"data.limit: got {self.limit}; use a positive integer or null")
+        if self.builtin_size < 10:
+            out.append(f"data.builtin_size: got {self.builtin_size}; use at least 10")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"data.eval_fraction: got {self.eval_fraction}; allowed 0 <= x < 1")
+        if self.max_prompt_length < 16:
+            out.append(f"data.max_prompt_length: got {self.max_prompt_length}; use >= 16")
+        if self.max_length <= self.max_prompt_length:
+            out.append(
+                f"data.max_length: got {self.max_length}; must exceed data.max_prompt_length "
+                f"({self.max_prompt_length}) to leave room for the response"
+            )
+        return out
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    name_or_path: str | None = None
+    """A local tokenizer folder or hub name; null trains a BPE tokenizer on the task data."""
+    vocab_size: int = 512
+    """Vocabulary size of the in-process trained tokenizer."""
+
+    def problems(self) -> list[str]:
+        if self.name_or_path is None and not 64 <= self.vocab_size <= 65536:
+            return [f"tokenizer.vocab_size: got {self.vocab_size}; allowed 64..65536"]
+        return []
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A causal LM: a pretrained one (`name_or_path`) or a tiny one built from these sizes."""
+
+    name_or_path: str | None = None
+    """Local folder or hub name for AutoModelForCausalLM; null builds a tiny model."""
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int | None = None
+    """MLP width (default 4 x hidden_size)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    def problems(self, prefix: str) -> list[str]:
+        out = []
+        for name in ("hidden_size", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                out.append(f"{prefix}.{name}: got {getattr(self, name)}; must be >= 1")
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            out.append(
+                f"{prefix}.hidden_size: got {self.hidden_size}; must be divisible by "
+                f"{prefix}.num_heads ({self.num_heads})"
+            )
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            out.append(f"{prefix}.intermediate_size: got {self.intermediate_size}; must be >= 1")
+        return out
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    """Supervised fine-tuning of the demo teacher (and the SFT-student baseline)."""
+
+    epochs: int = 12
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.epochs < 1:
+            out.append(f"sft.epochs: got {self.epochs}; must be >= 1")
+        if self.lr <= 0:
+            out.append(f"sft.lr: got {self.lr}; must be > 0")
+        if self.batch_size < 1:
+            out.append(f"sft.batch_size: got {self.batch_size}; must be >= 1")
+        return out
+
+
+@dataclass(kw_only=True)
+class ScoringConfig:
+    signals: list[str] = field(default_factory=lambda: ["rouge", "nll"])
+    """Any of rouge, nll (scorer-based), teacher_nll, kd_gap (teacher-based)."""
+    fusion_k: int = 60
+    scorer: str = "student"
+    """`student` (its starting checkpoint, as in the paper), `teacher`, or a model path."""
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    teacher_topk: int = 0
+    """Store the teacher's top-K logits per response token (0 = off)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.signals:
+            out.append(f"scoring.signals: got []; choose one or more of {list(SIGNALS)}")
+        for s in self.signals:
+            if s not in SIGNALS:
+                out.append(f"scoring.signals: unknown signal {s!r}; allowed {list(SIGNALS)}")
+        if len(set(self.signals)) != len(self.signals):
+            out.append(f"scoring.signals: got {self.signals}; each signal at most once")
+        if self.fusion_k < 1:
+            out.append(f"scoring.fusion_k: got {self.fusion_k}; must be >= 1")
+        for name in ("max_new_tokens", "batch_size", "num_actors"):
+            if getattr(self, name) < 1:
+                out.append(f"scoring.{name}: got {getattr(self, name)}; must be >= 1")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            out.append("scoring.cpus_per_actor / gpus_per_actor: must be >= 0")
+        if self.teacher_topk < 0:
+            out.append(f"scoring.teacher_topk: got {self.teacher_topk}; must be >= 0")
+        return out
+
+
+@dataclass(kw_only=True)
+class CurriculumConfig:
+    """The baby-step plan (pocl-method.md sections 3 and 4)."""
+
+    mode: Literal["pocl", "random", "anti", "none"] = "pocl"
+    """pocl = easiest first; random = same nested sizes, random order; anti = hardest first;
+    none = plain KD on all data for the same total sample visits."""
+    num_stages: int = 4
+    fractions: list[float] | None = None
+    """Cumulative subset fractions, increasing, last 1.0 (null = paper: 1/S, 2/S, ...)."""
+    interval: int = 8
+    interval_unit: Literal["epochs", "steps"] = "epochs"
+    tau_min: float = 1.0
+    tau_max: float = 2.0
+    taus: list[float] | None = None
+    """Explicit per-stage temperatures (overrides tau_min/tau_max)."""
+    kd_ratio_start: float = 0.7
+    kd_ratio_end: float = 1.0
+    alphas: list[float] | None = None
+    """Explicit per-stage skew alpha for skl/srkl (null = loss.alpha in every stage)."""
+    lr_policy: Literal["per_stage", "continuous"] = "per_stage"
+    """per_stage = fresh AdamW + cosine decay each stage (the authors' recipe)."""
+    plateau_patience: int | None = None
+    """Advance early when the dev loss has not improved for this many evaluations (null = off)."""
+    eval_every: int = 0
+    """Steps between dev evaluations for the plateau trigger (0 = once per epoch)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        s = self.num_stages
+        if s < 1:
+            out.append(f"curriculum.num_stages: got {s}; must be >= 1")
+        if self.interval < 1:
+            out.append(f"curriculum.interval: got {self.interval}; must be >= 1")
+        if self.fractions is not None:
+            f = self.fractions
+            if len(f) != s:
+                out.append(
+                    f"curriculum.fractions: got {len(f)} values; need num_stages ({s}) values"
+                )
+            if any(not 0 < x <= 1 for x in f) or any(b <= a for a, b in zip(f, f[1:])):
+                out.append(f"curriculum.fractions: got {f}; need increasing values in (0, 1]")
+            if f and f[-1] != 1.0:
+                out.append(f"curriculum.fractions: last value is {f[-1]}; it must be 1.0")
+        if self.taus is not None:
+            if len(self.taus) != s:
+                out.append(f"curriculum.taus: got {len(self.taus)} values; need {s}")
+            if any(t <= 0 for t in self.taus):
+                out.append(f"curriculum.taus: got {self.taus}; temperatures must be > 0")
+        if not 0 < self.tau_min <= self.tau_max:
+            out.append(
+                f"curriculum.tau_min/tau_max: got {self.tau_min}/{self.tau_max}; "
+                "need 0 < tau_min <= tau_max"
+            )
+        for name in ("kd_ratio_start", "kd_ratio_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                out.append(f"curriculum.{name}: got {getattr(self, name)}; allowed 0..1")
+        if self.alphas is not None:
+            if len(self.alphas) != s:
+                out.append(f"curriculum.alphas: got {len(self.alphas)} values; need {s}")
+            if any(not 0 <= a <= 1 for a in self.alphas):
+                out.append(f"curriculum.alphas: got {self.alphas}; allowed 0..1")
+        if self.plateau_patience is not None and self.plateau_patience < 1:
+            out.append(
+                f"curriculum.plateau_patience: got {self.plateau_patience}; use >= 1 or null"
+            )
+        if self.eval_every < 0:
+            out.append(f"curriculum.eval_every: got {self.eval_every}; must be >= 0")
+        return out
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    kind: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = "fkl"
+    scale_by_tau_sq: bool = True
+    alpha: float = 0.1
+    """Skew of skl / srkl."""
+    beta: float = 0.9
+    """Mixture weight of jsd."""
+    chunk_size: int | None = None
+    """Evaluate the KD loss in chunks of this many tokens (bounds memory for large vocabs)."""
+    on_policy_ratio: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("alpha", "beta", "on_policy_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                out.append(f"loss.{name}: got {getattr(self, name)}; allowed 0..1")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            out.append(f"loss.chunk_size: got {self.chunk_size}; use >= 1 or null")
+        return out
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-7
+    """Floor of the cosine decay."""
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    """Per-worker micro-batch size."""
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lr <= 0:
+            out.append(f"optim.lr: got {self.lr}; must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            out.append(f"optim.min_lr: got {self.min_lr}; allowed 0..optim.lr ({self.lr})")
+        if self.weight_decay < 0:
+            out.append(f"optim.weight_decay: got {self.weight_decay}; must be >= 0")
+        if self.batch_size < 1:
+            out.append(f"optim.batch_size: got {self.batch_size}; must be >= 1")
+        if self.grad_clip <= 0:
+            out.append(f"optim.grad_clip: got {self.grad_clip}; must be > 0")
+        if self.warmup_steps < 0:
+            out.append(f"optim.warmup_steps: got {self.warmup_steps}; must be >= 0")
+        return out
+
+
+@dataclass(kw_only=True)
+class ScalingConfig:
+    num_workers: int = 1
+    """Ray Train workers (0 = Train local mode in the driver)."""
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_workers < 0:
+            out.append(f"scaling.num_workers: got {self.num_workers}; must be >= 0")
+        for k, v in self.resources_per_worker.items():
+            if v < 0:
+                out.append(f"scaling.resources_per_worker.{k}: got {v}; must be >= 0")
+        return out
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    decoding: Literal["sample", "greedy"] = "sample"
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 6
+    max_new_tokens: int = 256
+    max_examples: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.seeds:
+            out.append("eval.seeds: got []; give at least one seed")
+        if self.temperature <= 0:
+            out.append(f"eval.temperature: got {self.temperature}; must be > 0")
+        if not 0 < self.top_p <= 1:
+            out.append(f"eval.top_p: got {self.top_p}; allowed (0, 1]")
+        if self.top_k < 0 or self.no_repeat_ngram_size < 0:
+            out.append("eval.top_k / no_repeat_ngram_size: must be >= 0")
+        if self.max_new_tokens < 1:
+            out.append(f"eval.max_new_tokens: got {self.max_new_tokens}; must be >= 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append(f"eval.max_examples: got {self.max_examples}; use >= 1 or null")
+        return out
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str = "runs/demo"
+    name: str = "demo"
+    seed: int = 0
+    storage_path: str | None = None
+    """Ray Train/Tune storage (null = <output_dir>/ray)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints besides stage boundaries (0 = stage boundaries only)."""
+    log_every: int = 10
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.output_dir:
+            out.append("run.output_dir: empty; give a directory")
+        if not self.name or "/" in self.name:
+            out.append(f"run.name: got {self.name!r}; use a non-empty name without '/'")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            out.append("run.checkpoint_every must be >= 0 and run.log_every >= 1")
+        return out
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(hidden_size=256, num_layers=4, num_heads=4)
+    )
+    student: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, ModelConfig):
+                out += section.problems(f.name)
+            else:
+                out += section.problems()
+        s = self.curriculum.num_stages
+        if self.curriculum.mode == "none" and s < 1:
+            out.append("curriculum.mode none still needs num_stages >= 1 to size its budget")
+        if self.loss.kind not in ("skl", "srkl") and self.curriculum.alphas is not None:
+            out.append(
+                f"curriculum.alphas: set, but loss.kind is {self.loss.kind!r}; "
+                "alphas only apply to skl / srkl"
+            )
+        return out
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Convert `value` to type `tp` (YAML / command-line forms), or record a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], path, problems)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        problems.append(f"{path}: got {value!r}; allowed {', '.join(map(repr, allowed))}")
+        return allowed[0]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list):
+            problems.append(f"{path}: got {value!r}; expected a list")
+            return []
+        before = len(problems)
+        items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return items if len(problems) == before else None  # a bad item keeps the default
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: got {value!r}; expected a mapping")
+            return {}
+        before = len(problems)
+        items = {str(k): _coerce(v, val_tp, f"{path}.{k}", problems) for k, v in value.items()}
+        return items if len(problems) == before else None
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    return _coerce_scalar(value, tp, path, problems)
+
+
+def _coerce_scalar(value: Any, tp: type, path: str, problems: list[str]) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{path}: got {value!r}; expected {_type_name(tp)}")
+    return None
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, keeping defaults for missing keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'config'}: got {data!r}; expected a mapping of keys")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            problems.append(f"{where}: unknown key; allowed keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name in names & set(data):
+        where = f"{path}.{name}" if path else name
+        value = _coerce(data[name], hints[name], where, problems)
+        if value is not None or _allows_none(hints[name]):
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _allows_none(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build and validate a Config from plain data; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    # A field whose value has the wrong type keeps its default, so the range and consistency
+    # checks below still run and the user sees every problem in one go.
+    cfg = _build(Config, data, "", problems)
+    problems += cfg.problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], str]:
+    if "=" not in item:
+        raise ConfigError([f"override {item!r}: expected dotted.key=value"], "command line")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `dotted.key=value` set (values parsed as YAML scalars
+    later, by type coercion). Unknown keys are caught by validation."""
+    data = _deep_copy(data)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {k} is not a section"], "command line")
+        node[keys[-1]] = value
+    return data
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None = all defaults), apply overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError([f"cannot read {path}: {e.strerror}; check the path"], source) from e
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path} is not valid YAML: {e}"], source) from e
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: top level must be a mapping of sections"], source)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data, source + (" + overrides" if overrides else ""))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved config as `config.yaml` into the run directory."""
+    out = Path(run_dir or cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.yaml"
+    target.write_text(dump_yaml(cfg), encoding="utf-8")
+    return target

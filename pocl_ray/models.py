@@ -1,0 +1,148 @@
+"""Teacher / student models and the tokenizer: pretrained (local path or hub name) or tiny,
+built from config sizes with no download.
+
+Security: `trust_remote_code` is passed only as the config says (default False), and weights
+are read with safetensors (`use_safetensors=True`), never by unpickling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from pocl_ray.config import ModelConfig, TokenizerConfig
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` in-process (no download).
+
+    Digits are split one per token before BPE: arithmetic tasks stay learnable by tiny models
+    when "123" is three tokens rather than one merged symbol. Byte level means any UTF-8 text
+    encodes without an unknown token.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS, unk_token=None
+    )
+
+
+def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrainedTokenizerFast:
+    """Load a pretrained tokenizer (the tokenizer's own path, else the model's)."""
+    name = cfg.name_or_path or model_cfg.name_or_path
+    if name is None:
+        raise ValueError(
+            "tokenizer.name_or_path and the model's name_or_path are both null: "
+            "train one with train_tokenizer() or give a path"
+        )
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {name!r} has no eos_token; set one in its config")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # common for GPT-2 style models; masks keep it harmless
+    return tok
+
+
+def build_tiny(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, max_positions: int
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of the configured sizes (no download), with the
+    tokenizer's vocabulary and special token ids."""
+    inter = cfg.intermediate_size or 4 * cfg.hidden_size
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if cfg.arch == "gpt2":
+        hf_cfg = GPT2Config(
+            **ids,
+            n_positions=max_positions,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=inter,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    else:
+        hf_cfg = LlamaConfig(
+            **ids,
+            max_position_embeddings=max_positions,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            intermediate_size=inter,
+        )
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    set_special_tokens(model, tokenizer)
+    return model
+
+
+def set_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Make generation stop at EOS and pad with the tokenizer's pad id."""
+    for conf in (model.config, model.generation_config):
+        conf.eos_token_id = tokenizer.eos_token_id
+        conf.pad_token_id = tokenizer.pad_token_id
+        conf.bos_token_id = tokenizer.bos_token_id
+
+
+def load_pretrained(path: str | Path, cfg: ModelConfig) -> PreTrainedModel:
+    """Load a causal LM from a local folder or hub name, safetensors only."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=DTYPES[cfg.dtype],
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+
+
+def freeze_teacher(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, no gradients: the teacher is never trained during distillation."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) with its tokenizer: loads with plain transformers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
