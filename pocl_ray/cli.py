@@ -33,14 +33,19 @@ def _parser() -> argparse.ArgumentParser:
         "--plain", action="store_true", help="single process, no Ray (the reference loop)"
     )
     d.add_argument("--config", default=str(DEMO_CONFIG), help="config file (default: demo)")
+
+    s = sub.add_parser("score", help="score training data difficulty on Ray Data (docs/scoring.md)")
+    s.add_argument("config", help="YAML config file")
+    s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    s.add_argument("--force", action="store_true", help="rescore even if a matching table exists")
     return p
 
 
 def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.print:
+    if args.print:  # stdout stays pure YAML: `validate --print > resolved.yaml` reloads
         print(dump_yaml(cfg), end="")
-    print(f"{args.config}: valid")
+    print(f"{args.config}: valid", file=sys.stderr if args.print else sys.stdout)
     return 0
 
 
@@ -59,6 +64,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    # heavy imports (torch) only here; jobs.score imports ray itself, after choosing its address
+    from jobs.score import ResourceRequestError, ScoreJobError, main
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        main(cfg, force=args.force)
+    except ResourceRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ScoreJobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -67,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return {"validate": _validate, "demo": _demo}[args.command](args)
+        return {"validate": _validate, "demo": _demo, "score": _score}[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ with `from_dict` on the worker side.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -400,8 +401,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_BAD = object()
+"""Returned by `_coerce` for a value it could not convert (the problem is recorded); the field
+then keeps its default, so range checks still run on sane values."""
+
+
+def _parse_flow(value: str, path: str, problems: list[str]) -> Any:
+    """A `[..]` / `{..}` command-line value, parsed as YAML flow syntax."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        problems.append(f"{path}: cannot parse {value!r}; write e.g. [1, 2] or {{CPU: 1}}")
+        return _BAD
+
+
 def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
-    """Convert `value` to type `tp` (YAML / command-line forms), or record a problem."""
+    """Convert `value` to type `tp` (YAML / command-line forms), or record a problem and
+    return `_BAD`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -413,30 +429,37 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if value in allowed:
             return value
         problems.append(f"{path}: got {value!r}; allowed {', '.join(map(repr, allowed))}")
-        return allowed[0]
+        return _BAD
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-        if not isinstance(value, list):
-            problems.append(f"{path}: got {value!r}; expected a list")
-            return []
-        before = len(problems)
-        items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        return items if len(problems) == before else None  # a bad item keeps the default
+        return _coerce_list(value, typing.get_args(tp)[0], path, problems)
     if origin is dict:
-        _, val_tp = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            problems.append(f"{path}: got {value!r}; expected a mapping")
-            return {}
-        before = len(problems)
-        items = {str(k): _coerce(v, val_tp, f"{path}.{k}", problems) for k, v in value.items()}
-        return items if len(problems) == before else None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
+        return _coerce_dict(value, typing.get_args(tp)[1], path, problems)
     return _coerce_scalar(value, tp, path, problems)
+
+
+def _coerce_list(value: Any, item_tp: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        is_flow = value.strip().startswith("[")
+        value = _parse_flow(value, path, problems) if is_flow else value.split(",")
+        if value is _BAD:
+            return _BAD
+    if not isinstance(value, list):
+        problems.append(f"{path}: got {value!r}; expected a list")
+        return _BAD
+    items = [_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return _BAD if any(v is _BAD for v in items) else items
+
+
+def _coerce_dict(value: Any, val_tp: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        value = _parse_flow(value, path, problems)
+        if value is _BAD:
+            return _BAD
+    if not isinstance(value, dict):
+        problems.append(f"{path}: got {value!r}; expected a mapping")
+        return _BAD
+    items = {str(k): _coerce(v, val_tp, f"{path}.{k}", problems) for k, v in value.items()}
+    return _BAD if any(v is _BAD for v in items.values()) else items
 
 
 def _coerce_scalar(value: Any, tp: type, path: str, problems: list[str]) -> Any:
@@ -454,46 +477,57 @@ def _coerce_scalar(value: Any, tp: type, path: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _to_float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            problems.append(f"{path}: got {value!r}; expected a finite number")
+            return _BAD
     elif tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     problems.append(f"{path}: got {value!r}; expected {_type_name(tp)}")
+    return _BAD
+
+
+def _to_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return None
 
 
-def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, keeping defaults for missing keys."""
+def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping. Missing keys keep the values of `base` (default:
+    `cls()`), so a partial `teacher:` section keeps the teacher's own defaults."""
+    base = cls() if base is None else base
     if data is None:
         data = {}
     if not isinstance(data, dict):
         problems.append(f"{path or 'config'}: got {data!r}; expected a mapping of keys")
-        return cls()
+        return base
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             where = f"{path}.{key}" if path else str(key)
             problems.append(f"{where}: unknown key; allowed keys: {', '.join(sorted(names))}")
     kwargs = {}
-    for name in names & set(data):
+    for name in (n for n in names if n in data):  # declaration order: a stable report
         where = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], data[name], where, problems, getattr(base, name))
+            continue
         value = _coerce(data[name], hints[name], where, problems)
-        if value is not None or _allows_none(hints[name]):
+        if value is not _BAD:
             kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _allows_none(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
+    return dataclasses.replace(base, **kwargs)
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
@@ -527,7 +561,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys, value = _parse_override(item)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # absent, or an empty `section:` in the YAML
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError([f"override {item!r}: {k} is not a section"], "command line")
         node[keys[-1]] = value

@@ -1,0 +1,569 @@
+"""`pocl-ray score CONFIG [key=value ...] [--force]`: the difficulty scoring job on Ray Data.
+
+Reads the configured data through the core loader, scores the TRAIN split (the eval split
+stays held out) on a pool of Ray actors, fuses the signals globally with the core `fuse` and
+`assign_stages`, and writes `run.output_dir/scores/`:
+    table/part-00000.parquet   one row per training sample, easiest first
+    manifest.json              config hash, data fingerprint, model ids, counts, timings, ...
+See docs/scoring.md. Also runnable as `python -m jobs.score CONFIG ...` (e.g. through
+`ray job submit --working-dir . -- python -m jobs.score configs/demo.yaml`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+
+from pocl_ray import difficulty, models
+from pocl_ray.config import Config, ScoringConfig, save_resolved, to_dict
+from pocl_ray.data import IGNORE_INDEX, LoadResult, Record, TokenizedExample, split_train_eval
+from pocl_ray.data import tokenize_records as core_tokenize
+from pocl_ray.plain import get_teacher, get_tokenizer, load_task_records, new_student, spearman
+
+log = logging.getLogger("pocl_ray.score")
+
+FORMAT_VERSION = 1
+TABLE_DIR = "table"
+TABLE_FILE = "part-00000.parquet"
+EXECUTION_KEYS = ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor")
+"""Scoring settings that change where and how fast scores are computed, not their values
+(beyond float round-off): they are left out of the config hash."""
+
+
+class ScoreJobError(RuntimeError):
+    """The scoring job cannot finish correctly; the message says why and what to do."""
+
+
+class AccountingError(ScoreJobError):
+    """Rows were lost or duplicated between reading and the scores table."""
+
+
+class ResourceRequestError(ScoreJobError):
+    """The scoring actors ask for CPUs / GPUs the cluster does not have."""
+
+
+TEACHER_SIGNALS = ("teacher_nll", "kd_gap")
+
+
+def needs_teacher(scoring: ScoringConfig) -> bool:
+    """Whether the actors must load the teacher (a teacher signal, the cache, or as scorer)."""
+    return (
+        any(s in TEACHER_SIGNALS for s in scoring.signals)
+        or scoring.teacher_topk > 0
+        or scoring.scorer == "teacher"
+    )
+
+
+def check_resources(scoring: ScoringConfig, cluster: Mapping[str, float]) -> None:
+    """Raise ResourceRequestError when the actor pool can never be placed on `cluster`.
+
+    Args:
+        scoring: the scoring section (num_actors, cpus_per_actor, gpus_per_actor).
+        cluster: `ray.cluster_resources()` of the connected cluster.
+
+    Ray would queue such actors forever without an error (ray-notes.md), so this is checked
+    before any model is loaded or trained. On an autoscaling cluster the check sees the nodes
+    that are up now: start the GPU workers first (docs/scoring.md).
+    """
+    n = scoring.num_actors
+    gpus = cluster.get("GPU", 0.0)
+    if scoring.gpus_per_actor > 0 and gpus == 0:
+        raise ResourceRequestError(
+            f"scoring.gpus_per_actor={scoring.gpus_per_actor:g} but this Ray cluster has no GPU "
+            f"(resources: {_fmt(cluster)}); set scoring.gpus_per_actor=0 to score on CPUs, or "
+            "connect to a cluster with GPUs (RAY_ADDRESS=... or `ray job submit`)"
+        )
+    if scoring.gpus_per_actor * n > gpus:
+        raise ResourceRequestError(
+            f"scoring needs {n} actors x {scoring.gpus_per_actor:g} GPU = "
+            f"{n * scoring.gpus_per_actor:g} GPUs; the cluster has {gpus:g}; lower "
+            "scoring.num_actors or scoring.gpus_per_actor"
+        )
+    cpus = cluster.get("CPU", 0.0)
+    if scoring.cpus_per_actor * n > cpus:
+        raise ResourceRequestError(
+            f"scoring needs {n} actors x {scoring.cpus_per_actor:g} CPU = "
+            f"{n * scoring.cpus_per_actor:g} CPUs; the cluster has {cpus:g}; lower "
+            "scoring.num_actors or scoring.cpus_per_actor"
+        )
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items())) or "none"
+
+
+# ---------------------------------------------------------------- identities
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def hashed_config(cfg: Config) -> dict[str, Any]:
+    """The parts of the config that can change the scores table.
+
+    Left out: data.source (the data fingerprint identifies the content), sft (it only shapes
+    the teacher, which the model id identifies), the execution keys of `scoring`, and every
+    later stage (loss, optim, eval, tune, ...).
+    """
+    d = to_dict(cfg)
+    return {
+        "data": {k: v for k, v in d["data"].items() if k != "source"},
+        "tokenizer": d["tokenizer"],
+        "teacher": d["teacher"],
+        "student": d["student"],
+        "scoring": {k: v for k, v in d["scoring"].items() if k not in EXECUTION_KEYS},
+        "stages": {
+            "num_stages": cfg.curriculum.num_stages,
+            "fractions": cfg.curriculum.fractions,
+        },
+        "seed": cfg.run.seed,
+    }
+
+
+def config_hash(cfg: Config) -> str:
+    return _sha(json.dumps(hashed_config(cfg), sort_keys=True))
+
+
+def data_fingerprint(loaded: LoadResult) -> str:
+    """Hash of every accepted record's id, references and extra fields (sorted by id, so file
+    order does not matter), plus the read and rejected counts."""
+    h = hashlib.sha256(f"{loaded.n_read}:{len(loaded.rejected)}".encode())
+    for r in sorted(loaded.records, key=lambda r: r.sample_id):
+        item = [r.sample_id, list(r.references), r.extra]
+        h.update(json.dumps(item, sort_keys=True, default=str).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def model_id(path: str | Path) -> str:
+    """Content hash of a saved model or tokenizer folder (its *.safetensors and *.json files);
+    `name:<path>` for a hub name, which cannot be hashed without downloading it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"name:{path}"
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".json"):
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- models on disk
+
+
+def save_student_init(cfg: Config, tok, out: Path) -> str:
+    """The starting student as a saved folder: the scorer by default (the paper's choice), and
+    where distillation starts. A pretrained student is used from its own path."""
+    if cfg.student.name_or_path:
+        return cfg.student.name_or_path
+    path = out / "student_init"
+    student = new_student(cfg, tok)
+    if (path / "config.json").exists():
+        saved = models.load_pretrained(path, cfg.student)
+        if _same_weights(saved, student):
+            log.info("student_init: reusing %s", path)
+            return str(path)
+        log.warning(
+            "student_init: %s differs from the configured starting student (student sizes, "
+            "tokenizer or run.seed changed); overwriting it",
+            path,
+        )
+    models.save_model(student, tok, path)
+    log.info(
+        "student_init: saved the seeded starting student (%d params) to %s",
+        models.count_parameters(student),
+        path,
+    )
+    return str(path)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].float(), sb[k].float()) for k in sa
+    )
+
+
+def model_paths(cfg: Config, tok, train_ex, out: Path) -> dict[str, str | None]:
+    """Folders the actors load (the teacher is trained first when the demo has none yet)."""
+    teacher = None
+    if needs_teacher(cfg.scoring):
+        get_teacher(cfg, tok, train_ex, out)  # trains and saves the demo teacher when missing
+        teacher = cfg.teacher.name_or_path or str(out / "teacher")
+    student_init = save_student_init(cfg, tok, out)
+    scorer = {"student": student_init, "teacher": teacher}.get(cfg.scoring.scorer)
+    tokenizer = cfg.tokenizer.name_or_path or cfg.teacher.name_or_path or str(out / "tokenizer")
+    return {
+        "tokenizer": tokenizer,
+        "teacher": teacher,
+        "student_init": student_init,
+        "scorer": scorer or cfg.scoring.scorer,
+    }
+
+
+# ---------------------------------------------------------------- accounting and the table
+
+
+def check_accounting(
+    counts: dict[str, int], scored_ids: Sequence[str], train_ids: Sequence[str]
+) -> None:
+    """Every record read is either rejected, held out, or scored exactly once.
+
+    Raises:
+        AccountingError: listing every violated rule, with a few example ids.
+    """
+    problems = []
+    if counts["accepted"] + counts["rejected"] != counts["read"]:
+        problems.append(
+            f"accepted {counts['accepted']} + rejected {counts['rejected']} != "
+            f"read {counts['read']}"
+        )
+    if counts["scored"] + counts["held_out"] + counts["rejected"] != counts["read"]:
+        problems.append(
+            f"scored {counts['scored']} + held out {counts['held_out']} + rejected "
+            f"{counts['rejected']} != read {counts['read']}"
+        )
+    ids = pd.Series(list(scored_ids), dtype=object)
+    dup = ids[ids.duplicated()].unique().tolist()
+    if dup:
+        problems.append(f"{len(dup)} sample ids scored more than once, e.g. {dup[:3]}")
+    missing = sorted(set(train_ids) - set(ids))
+    if missing:
+        problems.append(f"{len(missing)} training samples never scored, e.g. {missing[:3]}")
+    extra = sorted(set(ids) - set(train_ids))
+    if extra:
+        problems.append(f"{len(extra)} scored ids are not training samples, e.g. {extra[:3]}")
+    if problems:
+        raise AccountingError(
+            "row accounting failed; the scores table was NOT written:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def build_table(
+    scored: pd.DataFrame, train: list[Record], train_ex: list[TokenizedExample], cfg: Config
+) -> pd.DataFrame:
+    """Join the actors' signals to the tokenised rows, fuse globally, tag stages; easiest first."""
+    sig = cfg.scoring
+    base = pd.DataFrame(
+        {
+            "sample_id": [e.sample_id for e in train_ex],
+            "response_tokens": [sum(t != IGNORE_INDEX for t in e.labels) for e in train_ex],
+            "prompt_length": [e.prompt_length for e in train_ex],
+            "input_ids": [e.input_ids for e in train_ex],
+            "labels": [e.labels for e in train_ex],
+            "references": [list(r.references) for r in train],
+        }
+    )
+    if any("level" in r.extra for r in train):
+        base["level"] = pd.array([r.extra.get("level") for r in train], dtype="Int64")
+    table = base.merge(scored, on="sample_id", how="left", validate="one_to_one")
+    table = difficulty.fuse(table, sig.signals, k=sig.fusion_k)
+    sizes = difficulty.stage_sizes(len(table), cfg.curriculum.num_stages, cfg.curriculum.fractions)
+    table = difficulty.assign_stages(table, sizes)
+    return table.sort_values("difficulty_rank").reset_index(drop=True)
+
+
+def to_arrow(table: pd.DataFrame, signals: Sequence[str], topk: int) -> pa.Table:
+    """The scores table with explicit types (int32 token ids, fp16 top-K logits)."""
+    cols: dict[str, pa.Array] = {
+        "sample_id": pa.array(table["sample_id"].tolist(), pa.string()),
+        "difficulty_rank": pa.array(table["difficulty_rank"].to_numpy(), pa.int64()),
+        "stage": pa.array(table["stage"].to_numpy(), pa.int64()),
+        "rrf": pa.array(table["rrf"].to_numpy(), pa.float64()),
+    }
+    for s in signals:
+        cols[s] = pa.array(table[s].to_numpy(dtype=np.float64), pa.float64())
+    for s in signals:
+        cols[f"rank_{s}"] = pa.array(table[f"rank_{s}"].to_numpy(), pa.float64())
+    cols["response_tokens"] = pa.array(table["response_tokens"].to_numpy(), pa.int32())
+    cols["prompt_length"] = pa.array(table["prompt_length"].to_numpy(), pa.int32())
+    if "level" in table.columns:
+        cols["level"] = pa.array(table["level"].tolist(), pa.int64())
+    cols["input_ids"] = pa.array(table["input_ids"].tolist(), pa.list_(pa.int32()))
+    cols["labels"] = pa.array(table["labels"].tolist(), pa.list_(pa.int32()))
+    cols["references"] = pa.array(table["references"].tolist(), pa.list_(pa.string()))
+    if topk > 0:
+        from pocl_ray.ray_data import TOPK_IDS, TOPK_LOGITS, decode_topk
+
+        pairs = [decode_topk(i, v, topk) for i, v in zip(table[TOPK_IDS], table[TOPK_LOGITS])]
+        offsets = np.concatenate([[0], np.cumsum([len(i) for i, _ in pairs])]).astype(np.int32)
+        for name, part, typ in ((TOPK_IDS, 0, pa.int32()), (TOPK_LOGITS, 1, pa.float16())):
+            flat = np.concatenate([p[part].reshape(-1) for p in pairs])
+            values = pa.FixedSizeListArray.from_arrays(pa.array(flat, typ), topk)
+            cols[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.table(cols)
+
+
+def read_scores(out_dir: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The scores table of a run directory, easiest first (pandas)."""
+    path = Path(out_dir) / "scores" / TABLE_DIR
+    return pd.read_parquet(path, columns=list(columns) if columns else None)
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "scores" / "manifest.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def _key(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "config_hash": manifest["config_hash"],
+        "data_fingerprint": manifest["data_fingerprint"],
+        "models": {k: v["id"] if v else None for k, v in manifest["models"].items()},
+    }
+
+
+def _reuse_verdict(scores: Path, key: dict[str, Any]) -> tuple[bool, str]:
+    """(True, why) when `scores/` holds a complete table made from the same inputs."""
+    path = scores / "manifest.json"
+    if not path.exists():
+        return False, "no scores table yet"
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("format_version") != FORMAT_VERSION:
+        return False, f"the existing table has format {old.get('format_version')}"
+    old_key = _key(old)
+    changed = []
+    for name in ("config_hash", "data_fingerprint"):
+        if old_key[name] != key[name]:
+            changed.append(f"{name} {old_key[name]} -> {key[name]}")
+    for name in sorted(set(old_key["models"]) | set(key["models"])):
+        a, b = old_key["models"].get(name), key["models"].get(name)
+        if a != b:
+            changed.append(f"model {name} {a} -> {b}")
+    if changed:
+        return False, "inputs changed: " + "; ".join(changed)
+    table = scores / TABLE_DIR / TABLE_FILE
+    if not table.exists() or pq.ParquetFile(table).metadata.num_rows != old["counts"]["scored"]:
+        return False, f"{table} is missing or incomplete"
+    return True, f"config hash {key['config_hash']} and data {key['data_fingerprint']} match"
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished table in; readers never see a half-written `scores/`."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Use the running Ray instance, the cluster in RAY_ADDRESS, or start a local one on
+    loopback. Returns True when this call connected (so the job disconnects at the end)."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        # Read when ray is imported: the node address becomes 127.0.0.1 and every peer is
+        # loopback (ray-notes.md). Single-node only, which a local Ray is.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    t0 = time.perf_counter()
+    if not local:
+        ray.init()
+        log.info("ray: connected to %s", os.environ["RAY_ADDRESS"])
+        return True
+    sig = cfg.scoring
+    # One logical CPU beyond the actors' so Ray Data's own tasks never starve (ray-notes.md).
+    num_cpus = max(os.cpu_count() or 1, math.ceil(sig.num_actors * sig.cpus_per_actor) + 1)
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1")
+    log.info(
+        "ray: started a local instance (%d logical CPUs, dashboard on 127.0.0.1) in %.1f s",
+        num_cpus,
+        time.perf_counter() - t0,
+    )
+    return True
+
+
+# ---------------------------------------------------------------- the job
+
+
+def main(cfg: Config, *, force: bool = False, fault: dict[str, Any] | None = None) -> Path:
+    """Run the scoring job; returns the `scores/` folder.
+
+    Args:
+        cfg: the run config.
+        force: rescore even when a matching table exists.
+        fault: tests only: passed to every `ScorerActor` (see its docstring).
+
+    Raises:
+        ResourceRequestError: the actors ask for CPUs/GPUs the cluster does not have.
+        AccountingError: rows were lost or duplicated; nothing is written.
+    """
+    started = connect_ray(cfg)
+    try:
+        return _run(cfg, force=force, fault=fault)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
+    import ray
+
+    from pocl_ray import ray_data
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    sig = cfg.scoring
+    resources = ray.cluster_resources()
+    check_resources(sig, resources)  # before any work: a bad request would hang
+
+    out = Path(cfg.run.output_dir)
+    scores_dir = out / "scores"
+    save_resolved(cfg, out)
+    loaded = load_task_records(cfg, out)
+    train, held = split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
+    counts = {
+        "read": loaded.n_read,
+        "accepted": loaded.n_accepted,
+        "rejected": len(loaded.rejected),
+        "train": len(train),
+        "held_out": len(held),
+    }
+    log.info(
+        "data: %d read, %d accepted, %d rejected; scoring the %d training records (%d held out)",
+        *(counts[k] for k in ("read", "accepted", "rejected", "train", "held_out")),
+    )
+    tok = get_tokenizer(cfg, train, out)
+    lengths = dict(max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
+    train_ex = core_tokenize(train, tok, **lengths).examples
+    timings["load_tokenize_s"] = time.perf_counter() - t_start
+
+    if sig.teacher_topk > len(tok):
+        raise ScoreJobError(
+            f"scoring.teacher_topk={sig.teacher_topk} exceeds the vocabulary ({len(tok)} "
+            "tokens); lower it"
+        )
+    t0 = time.perf_counter()
+    paths = model_paths(cfg, tok, train_ex, out)
+    timings["models_s"] = time.perf_counter() - t0
+    ids = {k: model_id(v) if v else None for k, v in paths.items()}
+    key = {
+        "config_hash": config_hash(cfg),
+        "data_fingerprint": data_fingerprint(loaded),
+        "models": ids,
+    }
+    reuse, why = _reuse_verdict(scores_dir, key)
+    if reuse and not force:
+        log.info("scores: reusing %s (%s); pass --force to rescore", scores_dir, why)
+        print(f"scores: reusing the existing table in {scores_dir} ({why}); --force rescores")
+        return scores_dir
+    if force:
+        log.info("scores: --force given; rescoring into %s", scores_dir)
+    elif (scores_dir / "manifest.json").exists():
+        log.warning("scores: %s; rescoring and replacing %s", why, scores_dir)
+
+    # ---- Ray: score the training rows on the actor pool
+    t0 = time.perf_counter()
+    rows = ray_data.example_rows(train_ex, [r.references for r in train])
+    ds = ray_data.scoring_dataset(rows, sig.batch_size)
+    scored = ray_data.score_rows(
+        ds,
+        config=to_dict(cfg),  # the one place the config crosses into Ray workers
+        paths={k: paths[k] for k in ("tokenizer", "scorer", "teacher")},
+        scoring=sig,
+        fault=fault,
+    )
+    timings["scoring_s"] = time.perf_counter() - t0
+    counts["scored"] = len(scored)
+    check_accounting(counts, scored["sample_id"].tolist(), [e.sample_id for e in train_ex])
+
+    t0 = time.perf_counter()
+    table = build_table(scored, train, train_ex, cfg)
+    rho = None
+    if "level" in table.columns and table["level"].notna().all():
+        rho = spearman(table["difficulty_rank"], table["level"])
+        log.info("measurer quality: Spearman(difficulty_rank, true level) = %.3f", rho)
+    means = {s: float(table[s].mean()) for s in sig.signals}
+    tmp = out / f".scores.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / TABLE_DIR).mkdir(parents=True)
+    pq.write_table(to_arrow(table, sig.signals, sig.teacher_topk), tmp / TABLE_DIR / TABLE_FILE)
+    timings["fuse_write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **key,
+        "models": {k: {"path": v, "id": ids[k]} if v else None for k, v in paths.items()},
+        "signals": list(sig.signals),
+        "fusion_k": sig.fusion_k,
+        "scorer": sig.scorer,
+        "teacher_topk": sig.teacher_topk,
+        "stage_sizes": difficulty.stage_sizes(
+            len(table), cfg.curriculum.num_stages, cfg.curriculum.fractions
+        ),
+        "counts": counts,
+        "signal_means": means,
+        "spearman_rank_vs_level": rho,
+        "table": {"path": TABLE_DIR, "files": [TABLE_FILE], "rows": len(table)},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "throughput_rows_per_s": round(len(table) / timings["scoring_s"], 2),
+        "ray": {
+            "version": ray.__version__,
+            "num_actors": sig.num_actors,
+            "cpus_per_actor": sig.cpus_per_actor,
+            "gpus_per_actor": sig.gpus_per_actor,
+            "batch_size": sig.batch_size,
+            "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "pyarrow": pa.__version__,
+        },
+        "hashed_config": hashed_config(cfg),
+        "config": to_dict(cfg),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _replace_dir(tmp, scores_dir)
+    mean_text = " ".join(f"{s}={v:.3f}" for s, v in means.items())
+    rho_text = f"; Spearman(rank, level)={rho:.3f}" if rho is not None else ""
+    print(
+        f"scores: {len(table)} rows in {timings['scoring_s']:.1f} s "
+        f"({len(table) / timings['scoring_s']:.1f} rows/s); means {mean_text}{rho_text} "
+        f"-> {scores_dir}"
+    )
+    return scores_dir
+
+
+if __name__ == "__main__":
+    from pocl_ray.cli import main as cli_main
+
+    sys.exit(cli_main(["score", *sys.argv[1:]]))
