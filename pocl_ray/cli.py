@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO line
     try:
         return {"validate": _validate, "demo": _demo, "score": _score}[args.command](args)
     except (ConfigError, DataError) as e:

@@ -120,6 +120,9 @@ class SFTConfig:
     epochs: int = 12
     lr: float = 1e-3
     batch_size: int = 32
+    student_epochs: int = 0
+    """SFT epochs of a tiny student before scoring: its "starting checkpoint" (the paper starts
+    from a pretrained student; a random one would make the student-based signals noise)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -129,6 +132,8 @@ class SFTConfig:
             out.append(f"sft.lr: got {self.lr}; must be > 0")
         if self.batch_size < 1:
             out.append(f"sft.batch_size: got {self.batch_size}; must be >= 1")
+        if self.student_epochs < 0:
+            out.append(f"sft.student_epochs: got {self.student_epochs}; must be >= 0")
         return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers.utils import logging as hf_logging
 
 from pocl_ray import curriculum, difficulty, models, tasks
 from pocl_ray.config import Config, save_resolved
@@ -94,6 +95,23 @@ def new_student(cfg: Config, tok) -> torch.nn.Module:
         return models.load_pretrained(cfg.student.name_or_path, cfg.student)
     torch.manual_seed(cfg.run.seed + 1)
     return models.build_tiny(cfg.student, tok, cfg.data.max_length)
+
+
+def starting_student(cfg: Config, tok, train_ex) -> torch.nn.Module:
+    """`new_student`, then `sft.student_epochs` of SFT for a tiny one (its starting checkpoint)."""
+    student = new_student(cfg, tok)
+    if cfg.student.name_or_path is None and cfg.sft.student_epochs:
+        log.info("student: %d epochs of SFT for its starting checkpoint", cfg.sft.student_epochs)
+        sft(
+            student,
+            train_ex,
+            epochs=cfg.sft.student_epochs,
+            lr=cfg.sft.lr,
+            batch_size=cfg.sft.batch_size,
+            pad_id=tok.pad_token_id,
+            seed=cfg.run.seed,
+        )
+    return student
 
 
 def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.DataFrame:
@@ -179,6 +197,7 @@ def spearman(a, b) -> float:
 def run_plain(cfg: Config) -> pd.DataFrame:
     """The whole plain pipeline; returns (and prints) the comparison table."""
     t_start = time.perf_counter()
+    hf_logging.disable_progress_bar()  # per-shard bars are noise for tiny models
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(cfg.run.output_dir)
     save_resolved(cfg, out)
@@ -198,7 +217,7 @@ def run_plain(cfg: Config) -> pd.DataFrame:
     held_ex = tokenize_records(held, tok, **lengths).examples
     teacher = get_teacher(cfg, tok, train_ex, out)
 
-    init = new_student(cfg, tok)
+    init = starting_student(cfg, tok, train_ex)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
     scorer = teacher if cfg.scoring.scorer == "teacher" else init
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,22 +221,28 @@ def score_rows(
         as raw bytes (see `decode_topk`). Rows come back in no particular order.
     """
     gpu = {"num_gpus": scoring.gpus_per_actor} if scoring.gpus_per_actor > 0 else {}
-    scored = ds.map_batches(  # ray: a fixed-size pool of stateful actors
-        ScorerActor,
-        fn_constructor_kwargs=dict(
-            config=config,
-            paths=paths,
-            num_threads=max(1, math.floor(scoring.cpus_per_actor)),
-            fault=fault,
-        ),
-        batch_size=scoring.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
-        num_cpus=scoring.cpus_per_actor,
-        max_restarts=MAX_ACTOR_RESTARTS,
-        max_task_retries=MAX_TASK_RETRIES,
-        **gpu,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_restarts / max_task_retries and flags every
+        # other remote arg as deprecated. Without them Ray Data restarts dead actors and
+        # retries their batches forever, so a batch that always kills its actor would loop
+        # silently; finite limits make it fail. (pyproject pins ray < 2.61.)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        scored = ds.map_batches(  # ray: a fixed-size pool of stateful actors
+            ScorerActor,
+            fn_constructor_kwargs=dict(
+                config=config,
+                paths=paths,
+                num_threads=max(1, math.floor(scoring.cpus_per_actor)),
+                fault=fault,
+            ),
+            batch_size=scoring.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=scoring.num_actors),
+            num_cpus=scoring.cpus_per_actor,
+            max_restarts=MAX_ACTOR_RESTARTS,
+            max_task_retries=MAX_TASK_RETRIES,
+            **gpu,
+        )
     return scored.to_pandas()
 
 

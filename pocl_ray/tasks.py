@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+LETTERS = "abcdefgh"  # a small alphabet: tiny models learn the symbols fast
 LEVELS = (1, 2, 3, 4, 5)
 
 
@@ -52,11 +52,17 @@ def _count(rng: random.Random, level: int) -> tuple[str, str, str]:
     return instruction, " ".join(w), str(w.count(target))
 
 
+# (digits of a, digits of b) per level: more digits, more carries, longer answers
+ADD_WIDTHS = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 2), 5: (3, 3)}
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+
+
 def _add(rng: random.Random, level: int) -> tuple[str, str, str]:
-    # level 1: one digit + one digit; level 5: three digits + three digits with carries
-    width = (level + 1) // 2 + (1 if level == 5 else 0)
-    a = rng.randrange(10 ** (width - 1) if width > 1 else 0, 10**width)
-    b = rng.randrange(10 ** (level // 2) if level > 1 else 10)
+    da, db = ADD_WIDTHS[level]
+    a, b = _number(rng, da), _number(rng, db)
     return "Add the two numbers.", f"{a} + {b}", str(a + b)
 
 
@@ -79,17 +85,23 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     seen: set[tuple[str, str, str]] = set()
     out = []
     cells = [(f, lvl) for f in FAMILIES for lvl in LEVELS]
+    exhausted: set[tuple[str, int]] = set()
     i = 0
     while len(out) < n:
-        if i > 100 * n:
-            raise ValueError(f"cannot draw {n} distinct built-in tasks; use a smaller size")
+        if len(exhausted) == len(cells):
+            raise ValueError(f"only {len(out)} distinct built-in tasks exist; ask for fewer")
         family, level = cells[i % len(cells)]
         i += 1
-        for _ in range(50):  # tiny levels have few distinct items; give up after a few tries
+        if (family, level) in exhausted:
+            continue
+        # small cells (2 letters from 8) run out of new items: after 200 failed draws in a
+        # row, treat the cell as exhausted and let the others fill the rest
+        for _ in range(200):
             item = FAMILIES[family](rng, level)
             if item not in seen:
                 break
         else:
+            exhausted.add((family, level))
             continue
         seen.add(item)
         instruction, context, response = item

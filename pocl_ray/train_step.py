@@ -248,14 +248,23 @@ def _run_stage(
             if on_step is not None:
                 on_step(row)
             step_in_stage += 1
-        if (
-            tracker is not None
-            and dev_examples
-            and tracker.update(mean_ce(student, dev_examples, pad_id))
-        ):
-            log.info("stage %d: dev CE plateaued after epoch %d; advancing", p.stage, epoch)
-            return step_in_stage
+            if cur.eval_every and step_in_stage % cur.eval_every == 0:
+                if _plateaued(tracker, student, dev_examples, pad_id, p.stage, step_in_stage):
+                    return step_in_stage
+        if not cur.eval_every:  # 0 = evaluate once per epoch
+            if _plateaued(tracker, student, dev_examples, pad_id, p.stage, step_in_stage):
+                return step_in_stage
     return step_in_stage
+
+
+def _plateaued(tracker, student, dev_examples, pad_id: int, stage: int, step: int) -> bool:
+    """One dev evaluation for the plateau trigger (False when the trigger is off)."""
+    if tracker is None or not dev_examples:
+        return False
+    if tracker.update(mean_ce(student, dev_examples, pad_id)):
+        log.info("stage %d: dev CE plateaued at step %d of the stage; advancing", stage, step)
+        return True
+    return False
 
 
 def _log_row(pos: curriculum.Position, res: StepResult, base_lr: float, seconds: float) -> dict:

@@ -538,7 +538,9 @@ def test_unknown_key_in_section():
 
 def test_unknown_key_via_override():
     problems = override_problems(["sft.epoch=3"])
-    assert problems == ["sft.epoch: unknown key; allowed keys: batch_size, epochs, lr"]
+    assert problems == [
+        "sft.epoch: unknown key; allowed keys: batch_size, epochs, lr, student_epochs"
+    ]
 
 
 def test_unknown_key_in_model_section_uses_section_name():
@@ -550,7 +552,10 @@ def test_unknown_key_in_model_section_uses_section_name():
 def test_unknown_key_does_not_drop_known_keys():
     with pytest.raises(ConfigError) as exc:
         from_dict({"sft": {"epochs": 0, "epochz": 5}})
-    assert "sft.epochz: unknown key; allowed keys: batch_size, epochs, lr" in exc.value.problems
+    assert (
+        "sft.epochz: unknown key; allowed keys: batch_size, epochs, lr, student_epochs"
+        in exc.value.problems
+    )
     assert "sft.epochs: got 0; must be >= 1" in exc.value.problems
 
 

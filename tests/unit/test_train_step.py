@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pocl_ray import curriculum, tasks
+from pocl_ray import curriculum
 from pocl_ray.config import (
     Config,
     CurriculumConfig,
@@ -21,8 +21,8 @@ from pocl_ray.config import (
     OptimConfig,
     RunConfig,
 )
-from pocl_ray.data import IGNORE_INDEX, collate, load_records, tokenize_records
-from pocl_ray.models import build_tiny, freeze_teacher, train_tokenizer
+from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
+from pocl_ray.models import build_tiny, freeze_teacher
 from pocl_ray.train_step import (
     batches,
     compute_losses,
@@ -42,13 +42,9 @@ BATCH = 16
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(task_records, task_tok):
     """Built-in records → tokenizer → tokenised examples (no download)."""
-    path = tasks.write_jsonl(
-        tasks.generate(300, seed=0), tmp_path_factory.mktemp("data") / "tasks.jsonl"
-    )
-    records = load_records(path).records
-    tok = train_tokenizer([r.prompt + r.references[0] for r in records], vocab_size=512)
+    records, tok = task_records, task_tok
     examples = tokenize_records(
         records, tok, max_prompt_length=MAX_PROMPT, max_length=MAX_LEN
     ).examples
@@ -476,11 +472,6 @@ def test_plateau_trigger_ends_stages_early(env, teacher, split64):
         assert len(full) == planned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curriculum.eval_every is ignored: _run_stage evaluates the plateau metric only at "
-    "the end of each epoch, whatever eval_every says",
-)
 def test_plateau_eval_every_steps(env, teacher, split64):
     cfg = make_cfg(plateau_patience=1, eval_every=1, interval=3, lr=1e-20, min_lr=0.0)
     rows = run_curriculum(
