@@ -198,7 +198,6 @@ def run_plain(cfg: Config) -> pd.DataFrame:
     """The whole plain pipeline; returns (and prints) the comparison table."""
     t_start = time.perf_counter()
     hf_logging.disable_progress_bar()  # per-shard bars are noise for tiny models
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(cfg.run.output_dir)
     save_resolved(cfg, out)
     loaded = load_task_records(cfg, out)
