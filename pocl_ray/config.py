@@ -10,6 +10,7 @@ with `from_dict` on the worker side.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -522,7 +523,9 @@ def _build(cls: type, data: Any, path: str, problems: list[str], base: Any = Non
     for key in data:
         if key not in names:
             where = f"{path}.{key}" if path else str(key)
-            problems.append(f"{where}: unknown key; allowed keys: {', '.join(sorted(names))}")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{where}: unknown key; {hint}allowed keys: {', '.join(sorted(names))}")
     kwargs = {}
     for name in (n for n in names if n in data):  # declaration order: a stable report
         where = f"{path}.{name}" if path else name
