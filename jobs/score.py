@@ -36,7 +36,13 @@ from pocl_ray import difficulty, models
 from pocl_ray.config import Config, ScoringConfig, save_resolved, to_dict
 from pocl_ray.data import IGNORE_INDEX, LoadResult, Record, TokenizedExample, split_train_eval
 from pocl_ray.data import tokenize_records as core_tokenize
-from pocl_ray.plain import get_teacher, get_tokenizer, load_task_records, new_student, spearman
+from pocl_ray.plain import (
+    get_teacher,
+    get_tokenizer,
+    load_task_records,
+    spearman,
+    starting_student,
+)
 
 log = logging.getLogger("pocl_ray.score")
 
@@ -107,8 +113,10 @@ def check_resources(scoring: ScoringConfig, cluster: Mapping[str, float]) -> Non
 
 
 def _fmt(resources: Mapping[str, float]) -> str:
-    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(keep.items())) or "none"
+    parts = [f"{k}={resources[k]:g}" for k in ("CPU", "GPU") if k in resources]
+    if "memory" in resources:
+        parts.append(f"memory={resources['memory'] / 2**30:.1f} GiB")
+    return ", ".join(parts) or "none"
 
 
 # ---------------------------------------------------------------- identities
@@ -173,48 +181,72 @@ def model_id(path: str | Path) -> str:
 # ---------------------------------------------------------------- models on disk
 
 
-def save_student_init(cfg: Config, tok, out: Path) -> str:
+def student_recipe(cfg: Config, tokenizer_id: str, fingerprint: str) -> str:
+    """Hash of everything that defines the tiny starting student: its sizes, the seed, the
+    tokenizer, and (for its `sft.student_epochs` of SFT) the data and the SFT settings."""
+    d = to_dict(cfg)
+    recipe = {
+        "student": d["student"],
+        "seed": cfg.run.seed,
+        "tokenizer": tokenizer_id,
+        "max_length": cfg.data.max_length,
+        "sft": None,
+    }
+    if cfg.sft.student_epochs:
+        recipe["sft"] = {
+            "epochs": cfg.sft.student_epochs,
+            "lr": cfg.sft.lr,
+            "batch_size": cfg.sft.batch_size,
+            "data": {k: v for k, v in d["data"].items() if k != "source"},
+            "data_fingerprint": fingerprint,
+        }
+    return _sha(json.dumps(recipe, sort_keys=True))
+
+
+def save_student_init(cfg: Config, tok, train_ex, out: Path, recipe: str) -> str:
     """The starting student as a saved folder: the scorer by default (the paper's choice), and
-    where distillation starts. A pretrained student is used from its own path."""
+    where distillation starts. A pretrained student is used from its own path.
+
+    The core `starting_student` builds it (seeded init, then `sft.student_epochs` of SFT);
+    `student_init/recipe.txt` records the `student_recipe` it was made with, so a later run
+    reuses the folder only when nothing that defines the student changed.
+    """
     if cfg.student.name_or_path:
         return cfg.student.name_or_path
     path = out / "student_init"
-    student = new_student(cfg, tok)
-    if (path / "config.json").exists():
-        saved = models.load_pretrained(path, cfg.student)
-        if _same_weights(saved, student):
+    stamp = path / "recipe.txt"
+    if (path / "config.json").exists() and stamp.exists():
+        if stamp.read_text(encoding="utf-8").strip() == recipe:
             log.info("student_init: reusing %s", path)
             return str(path)
         log.warning(
-            "student_init: %s differs from the configured starting student (student sizes, "
-            "tokenizer or run.seed changed); overwriting it",
+            "student_init: %s was made with other settings (student sizes, seed, tokenizer or "
+            "student SFT changed); rebuilding it",
             path,
         )
+    student = starting_student(cfg, tok, train_ex)
+    shutil.rmtree(path, ignore_errors=True)
     models.save_model(student, tok, path)
+    stamp.write_text(recipe + "\n", encoding="utf-8")
     log.info(
-        "student_init: saved the seeded starting student (%d params) to %s",
+        "student_init: saved the starting student (%d params, %d epochs of SFT) to %s",
         models.count_parameters(student),
+        cfg.sft.student_epochs,
         path,
     )
     return str(path)
 
 
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and torch.equal(sa[k].float(), sb[k].float()) for k in sa
-    )
-
-
-def model_paths(cfg: Config, tok, train_ex, out: Path) -> dict[str, str | None]:
+def model_paths(cfg: Config, tok, train_ex, out: Path, fingerprint: str) -> dict[str, str | None]:
     """Folders the actors load (the teacher is trained first when the demo has none yet)."""
+    tokenizer = cfg.tokenizer.name_or_path or cfg.teacher.name_or_path or str(out / "tokenizer")
     teacher = None
     if needs_teacher(cfg.scoring):
         get_teacher(cfg, tok, train_ex, out)  # trains and saves the demo teacher when missing
         teacher = cfg.teacher.name_or_path or str(out / "teacher")
-    student_init = save_student_init(cfg, tok, out)
+    recipe = student_recipe(cfg, model_id(tokenizer), fingerprint)
+    student_init = save_student_init(cfg, tok, train_ex, out, recipe)
     scorer = {"student": student_init, "teacher": teacher}.get(cfg.scoring.scorer)
-    tokenizer = cfg.tokenizer.name_or_path or cfg.teacher.name_or_path or str(out / "tokenizer")
     return {
         "tokenizer": tokenizer,
         "teacher": teacher,
@@ -363,6 +395,10 @@ def _reuse_verdict(scores: Path, key: dict[str, Any]) -> tuple[bool, str]:
     return True, f"config hash {key['config_hash']} and data {key['data_fingerprint']} match"
 
 
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Swap a finished table in; readers never see a half-written `scores/`."""
     if final.exists():
@@ -459,6 +495,11 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         "data: %d read, %d accepted, %d rejected; scoring the %d training records (%d held out)",
         *(counts[k] for k in ("read", "accepted", "rejected", "train", "held_out")),
     )
+    if not train:
+        raise ScoreJobError(
+            "no training records left after holding out data.eval_fraction="
+            f"{cfg.data.eval_fraction} of {len(loaded.records)}; lower it or add data"
+        )
     tok = get_tokenizer(cfg, train, out)
     lengths = dict(max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
     train_ex = core_tokenize(train, tok, **lengths).examples
@@ -469,18 +510,18 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
             f"scoring.teacher_topk={sig.teacher_topk} exceeds the vocabulary ({len(tok)} "
             "tokens); lower it"
         )
+    fingerprint = data_fingerprint(loaded)
     t0 = time.perf_counter()
-    paths = model_paths(cfg, tok, train_ex, out)
+    paths = model_paths(cfg, tok, train_ex, out, fingerprint)
     timings["models_s"] = time.perf_counter() - t0
     ids = {k: model_id(v) if v else None for k, v in paths.items()}
     key = {
         "config_hash": config_hash(cfg),
-        "data_fingerprint": data_fingerprint(loaded),
+        "data_fingerprint": fingerprint,
         "models": ids,
     }
     reuse, why = _reuse_verdict(scores_dir, key)
     if reuse and not force:
-        log.info("scores: reusing %s (%s); pass --force to rescore", scores_dir, why)
         print(f"scores: reusing the existing table in {scores_dir} ({why}); --force rescores")
         return scores_dir
     if force:
@@ -505,10 +546,19 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
 
     t0 = time.perf_counter()
     table = build_table(scored, train, train_ex, cfg)
-    rho = None
+    rho, rho_by_signal = None, None
     if "level" in table.columns and table["level"].notna().all():
-        rho = spearman(table["difficulty_rank"], table["level"])
-        log.info("measurer quality: Spearman(difficulty_rank, true level) = %.3f", rho)
+        rho = _finite(spearman(table["difficulty_rank"], table["level"]))
+        # per signal too: which measurer agrees with the generator's difficulty (a signal that
+        # is constant, e.g. rouge of an untrained scorer, has no correlation: null)
+        rho_by_signal = {
+            s: _finite(spearman(table[f"rank_{s}"], table["level"])) for s in sig.signals
+        }
+        log.info(
+            "measurer quality: Spearman(difficulty_rank, true level) = %s; per signal %s",
+            None if rho is None else round(rho, 3),
+            {s: None if v is None else round(v, 3) for s, v in rho_by_signal.items()},
+        )
     means = {s: float(table[s].mean()) for s in sig.signals}
     tmp = out / f".scores.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -531,6 +581,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         "counts": counts,
         "signal_means": means,
         "spearman_rank_vs_level": rho,
+        "spearman_signal_rank_vs_level": rho_by_signal,
         "table": {"path": TABLE_DIR, "files": [TABLE_FILE], "rows": len(table)},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "throughput_rows_per_s": round(len(table) / timings["scoring_s"], 2),
@@ -551,10 +602,12 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         "hashed_config": hashed_config(cfg),
         "config": to_dict(cfg),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (tmp / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     _replace_dir(tmp, scores_dir)
     mean_text = " ".join(f"{s}={v:.3f}" for s, v in means.items())
-    rho_text = f"; Spearman(rank, level)={rho:.3f}" if rho is not None else ""
+    rho_text = "" if rho is None else f"; Spearman(rank, level)={rho:.3f}"
     print(
         f"scores: {len(table)} rows in {timings['scoring_s']:.1f} s "
         f"({len(table) / timings['scoring_s']:.1f} rows/s); means {mean_text}{rho_text} "

@@ -8,7 +8,8 @@ actors and back. Ray-specific lines are marked `# ray:`.
   float) depends only on the set of rows, never on file order or on Ray's scheduling.
 - `ScorerActor` loads the scorer (and the teacher when a signal or the top-K cache needs it)
   ONCE from saved folders (safetensors), then scores one batch per call.
-- `score_rows` runs the actor pool and returns one pandas row per input row.
+- `scored_dataset` maps the dataset through a pool of those actors; `score_rows` runs it and
+  collects one pandas row per input row on the driver.
 
 The config crosses into the actors as a plain dict (`config.to_dict`) and is rebuilt with
 `config.from_dict` in exactly one place: `ScorerActor.__init__`.
@@ -44,7 +45,9 @@ TOPK_LOGITS = "teacher_topk_logits"
 # ---------------------------------------------------------------- rows → dataset
 
 
-def example_rows(examples: Sequence[TokenizedExample], references: Sequence[Sequence[str]]):
+def example_rows(
+    examples: Sequence[TokenizedExample], references: Sequence[Sequence[str]]
+) -> pd.DataFrame:
     """The columns the actors need, one row per example (a plain pandas DataFrame)."""
     return pd.DataFrame(
         {
@@ -206,19 +209,18 @@ def _load_tokenizer(cfg: Config, path: str | None):
 # ---------------------------------------------------------------- running the pool
 
 
-def score_rows(
+def scored_dataset(
     ds: ray.data.Dataset,
     *,
     config: dict[str, Any],
     paths: dict[str, str | None],
     scoring: ScoringConfig,
     fault: dict[str, Any] | None = None,
-) -> pd.DataFrame:
-    """Score every row of `ds` on a pool of `ScorerActor`s; one output row per input row.
+) -> ray.data.Dataset:
+    """`ds` mapped through a pool of `ScorerActor`s (lazy: nothing runs until consumed).
 
-    Returns:
-        sample_id, one float column per signal, and with teacher_topk > 0 the two top-K columns
-        as raw bytes (see `decode_topk`). Rows come back in no particular order.
+    Output rows: sample_id, one float column per signal, and with teacher_topk > 0 the two
+    top-K columns as raw bytes (see `decode_topk`), in no particular order.
     """
     gpu = {"num_gpus": scoring.gpus_per_actor} if scoring.gpus_per_actor > 0 else {}
     with warnings.catch_warnings():
@@ -227,7 +229,7 @@ def score_rows(
         # retries their batches forever, so a batch that always kills its actor would loop
         # silently; finite limits make it fail. (pyproject pins ray < 2.61.)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        scored = ds.map_batches(  # ray: a fixed-size pool of stateful actors
+        return ds.map_batches(  # ray: a fixed-size pool of stateful actors
             ScorerActor,
             fn_constructor_kwargs=dict(
                 config=config,
@@ -243,7 +245,11 @@ def score_rows(
             max_task_retries=MAX_TASK_RETRIES,
             **gpu,
         )
-    return scored.to_pandas()
+
+
+def score_rows(ds: ray.data.Dataset, **kwargs: Any) -> pd.DataFrame:
+    """Run `scored_dataset(ds, **kwargs)` and collect it on the driver: one row per input row."""
+    return scored_dataset(ds, **kwargs).to_pandas()
 
 
 def decode_topk(ids: bytes, logits: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,7 +59,8 @@ def score_batch(
     max_new_tokens: int,
 ) -> dict[str, list[float]]:
     """Every requested signal for one batch of examples, as plain lists aligned with it."""
-    batch = collate(list(examples), tokenizer.pad_token_id)
+    device = next(scorer.parameters()).device  # actors may hold the models on a GPU
+    batch = {k: v.to(device) for k, v in collate(list(examples), tokenizer.pad_token_id).items()}
     out: dict[str, list[float]] = {}
     if "nll" in signals:
         out["nll"] = response_nll(scorer, batch).tolist()

@@ -39,6 +39,7 @@ TINY = [
     "student.num_layers=1",
     "student.num_heads=2",
     "sft.epochs=1",
+    "sft.student_epochs=1",
     "scoring.max_new_tokens=4",
     "scoring.batch_size=16",
 ]
@@ -279,3 +280,46 @@ def test_dolly_train_data(ray_local, tmp_path):
     assert "level" not in table.columns and manifest["spearman_rank_vs_level"] is None
     assert manifest["models"]["teacher"] is None  # student signals only: no teacher needed
     assert (table["response_tokens"] > 0).all()
+
+
+def test_fingerprint_ignores_file_order_and_hash_ignores_execution_keys(tmp_path):
+    data = tmp_path / "a.jsonl"
+    items = tasks.generate(30, seed=1)
+    tasks.write_jsonl(items, data)
+    first = score.data_fingerprint(load_records(data))
+    tasks.write_jsonl(items[::-1], data)
+    assert score.data_fingerprint(load_records(data)) == first
+    tasks.write_jsonl([{**items[0], "response": "changed"}, *items[1:]], data)
+    assert score.data_fingerprint(load_records(data)) != first
+
+    base = score.config_hash(tiny_cfg(tmp_path))
+    assert score.config_hash(tiny_cfg(tmp_path, "scoring.num_actors=4")) == base
+    assert score.config_hash(tiny_cfg(tmp_path / "elsewhere")) == base
+    assert score.config_hash(tiny_cfg(tmp_path, "scoring.fusion_k=10")) != base
+    assert score.config_hash(tiny_cfg(tmp_path, "student.hidden_size=32")) != base
+
+
+@pytest.mark.timeout(180)
+def test_joins_an_existing_cluster_via_ray_address(tiny_run, tmp_path):
+    """What `ray job submit` does: the driver finds RAY_ADDRESS, joins that cluster (here the
+    session's local Ray) instead of starting one, and leaves it running."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    _, src = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "jobs.score", str(DEMO), *TINY, f"run.output_dir={out}",
+           f"scoring.teacher_topk={TOPK}", "--force"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ray: connected to" in done.stderr and "started a local instance" not in done.stderr
+    assert "rows/s" in done.stdout
+    assert ray.get(ray.put(1)) == 1  # the cluster outlives the job's driver
+    pd.testing.assert_series_equal(
+        score.read_scores(out)["sample_id"], score.read_scores(src)["sample_id"]
+    )
