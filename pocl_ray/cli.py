@@ -2,6 +2,8 @@
 
 pocl-ray validate CONFIG [key=value ...]   check a config, list every problem
 pocl-ray demo --plain [key=value ...]      the plain single-process pipeline on the demo
+pocl-ray evaluate CONFIG [key=value ...]   evaluate models on eval sets (docs/evaluate.md)
+pocl-ray distill CONFIG [key=value ...]    curriculum distillation on Ray Train (docs/distill.md)
 """
 
 from __future__ import annotations
@@ -34,11 +36,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--config", default=str(DEMO_CONFIG), help="config file (default: demo)")
 
+    r = sub.add_parser("report", help="rebuild RUN_DIR/report/ (figures + index.html)")
+    r.add_argument("run_dir", help="a run's output directory")
+
     s = sub.add_parser("score", help="score training data difficulty on Ray Data (docs/scoring.md)")
     s.add_argument("config", help="YAML config file")
     s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     s.add_argument("--force", action="store_true", help="rescore even if a matching table exists")
+
+    e = sub.add_parser(
+        "evaluate", help="evaluate models on eval sets with Ray Data (docs/evaluate.md)"
+    )
+    e.add_argument("config", help="YAML config file")
+    e.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    e.add_argument(
+        "--force", action="store_true", help="re-evaluate even if matching results exist"
+    )
+
+    t = sub.add_parser(
+        "distill", help="distil the student with the curriculum on Ray Train (docs/distill.md)"
+    )
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pocl_ray.plain import report_plain
+
+    print(f"report: {report_plain(args.run_dir)}")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -80,6 +107,39 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    # heavy imports (torch) only here; jobs.evaluate imports ray itself, after choosing its address
+    from jobs.evaluate import EvalJobError, ResourceRequestError, main
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        main(cfg, force=args.force)
+    except ResourceRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except EvalJobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    # heavy imports (torch) only here; jobs.distill imports ray itself, after choosing its address
+    from jobs.distill import DistillJobError, ResourceRequestError, main
+    from jobs.score import ScoreJobError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        main(cfg)
+    except ResourceRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DistillJobError, ScoreJobError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -89,7 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO line
     try:
-        return {"validate": _validate, "demo": _demo, "score": _score}[args.command](args)
+        jobs = {
+            "validate": _validate,
+            "demo": _demo,
+            "report": _report,
+            "score": _score,
+            "evaluate": _evaluate,
+            "distill": _distill,
+        }
+        return jobs[args.command](args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

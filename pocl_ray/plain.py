@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from transformers.utils import logging as hf_logging
 
-from pocl_ray import curriculum, difficulty, models, tasks
-from pocl_ray.config import Config, save_resolved
+from pocl_ray import curriculum, difficulty, models, report, tasks
+from pocl_ray.config import Config, load_config, save_resolved
 from pocl_ray.data import LoadResult, Record, load_records, split_train_eval, tokenize_records
 from pocl_ray.evaluation import generate, score_predictions
 from pocl_ray.signals import score_batch
@@ -239,8 +239,27 @@ def run_plain(cfg: Config) -> pd.DataFrame:
         rows[name] = evaluate(student, tok, held, held_ex, cfg)
         models.save_model(student, tok, out / f"student_{mode}")
     result = pd.DataFrame(rows).T[["exact_match", "rougeL"]].round(2)
+    result.index.name = "model"
     result.to_csv(out / "results.csv")
+    index = report_plain(out)
     print(f"\nHeld-out split: {len(held)} examples, {cfg.eval.decoding} decoding")
     print(result.to_string())
-    print(f"\nArtefacts in {out}/ (total {time.perf_counter() - t_start:.0f} s)")
+    print(f"\nReport: {index}")
+    print(f"Artefacts in {out}/ (total {time.perf_counter() - t_start:.0f} s)")
     return result
+
+
+PLAIN_RUNS = {"plain KD (mode none)": "metrics_none.jsonl", "POCL": "metrics_pocl.jsonl"}
+
+
+def report_plain(run_dir: str | Path) -> Path:
+    """(Re)build `run_dir/report/` from the files a plain demo run wrote."""
+    run = Path(run_dir)
+    cfg = load_config(run / "config.yaml")
+    scores = pd.read_parquet(run / "scores.parquet")
+    sizes = difficulty.stage_sizes(len(scores), cfg.curriculum.num_stages, cfg.curriculum.fractions)
+    runs = {name: pd.read_json(run / f, lines=True) for name, f in PLAIN_RUNS.items()}
+    results = pd.read_csv(run / "results.csv").assign(set="heldout", seed=cfg.eval.seeds[0])
+    return report.build_report(
+        run / "report", scores=scores, sizes=sizes, runs=runs, results=results, schedule_run="POCL"
+    )

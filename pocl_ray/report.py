@@ -1,0 +1,167 @@
+"""The run report: PNG figures (matplotlib, no display needed) and one index.html.
+
+Figures:
+- difficulty: histogram of the fused difficulty score, coloured by the stage a sample enters;
+- agreement: the measurer's rank against the built-in tasks' true level (when known);
+- schedule: subset size, τ, λ and LR against the step, from the per-step metrics;
+- loss: training loss per step for each run, stage boundaries marked;
+- eval: mean ± sd of ROUGE-L and exact match per model × eval set.
+Every function takes plain tables, so the plain demo and the Ray pipeline share them.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on headless machines and in Ray workers
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+STAGE_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6"]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_difficulty(scores: pd.DataFrame, path: Path) -> Path:
+    """Histogram of the RRF score (higher = easier), one colour per entering stage."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stages = sorted(scores["stage"].unique())
+    data = [scores.loc[scores["stage"] == s, "rrf"] for s in stages]
+    colours = [STAGE_COLOURS[s % len(STAGE_COLOURS)] for s in stages]
+    ax.hist(data, bins=40, stacked=True, color=colours, label=[f"stage {s}" for s in stages])
+    ax.set_xlabel("fused difficulty score (RRF; higher = easier)")
+    ax.set_ylabel("training samples")
+    ax.set_title(f"Difficulty of {len(scores)} training samples, by the stage they enter")
+    ax.legend(title="enters in")
+    return _save(fig, path)
+
+
+def plot_agreement(scores: pd.DataFrame, path: Path) -> Path:
+    """Box plot of difficulty_rank per true level (built-in tasks), with Spearman's rho."""
+    levels = sorted(scores["level"].dropna().unique())
+    rho = scores["difficulty_rank"].rank().corr(scores["level"].rank())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.boxplot(
+        [scores.loc[scores["level"] == lv, "difficulty_rank"] for lv in levels],
+        tick_labels=[str(int(lv)) for lv in levels],
+    )
+    ax.set_xlabel("true level of the built-in task (1 = easiest)")
+    ax.set_ylabel("measured difficulty rank (1 = easiest)")
+    ax.set_title(f"Measurer vs true difficulty (Spearman rho = {rho:.3f})")
+    return _save(fig, path)
+
+
+def _stage_starts(metrics: pd.DataFrame) -> list[int]:
+    first = metrics.groupby("stage")["step"].min()
+    return [int(s) for s in first.iloc[1:]]
+
+
+def plot_schedule(metrics: pd.DataFrame, sizes: list[int], path: Path) -> Path:
+    """Subset size, τ, λ and LR per step of one run (four stacked panels)."""
+    fig, axes = plt.subplots(4, 1, figsize=(7, 7), sharex=True)
+    step = metrics["step"]
+    panels = [
+        (metrics["stage"].map(lambda s: sizes[int(s)]), "subset size"),
+        (metrics["tau"], "temperature tau"),
+        (metrics["kd_ratio"], "KD ratio lambda"),
+        (metrics["lr"], "learning rate"),
+    ]
+    for ax, (values, label) in zip(axes, panels):
+        ax.plot(step, values, color="#4c78a8")
+        ax.set_ylabel(label)
+        for b in _stage_starts(metrics):
+            ax.axvline(b, color="grey", lw=0.8, ls=":")
+    axes[0].set_title("POCL schedule (dotted lines: stage boundaries)")
+    axes[-1].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+def plot_loss(runs: Mapping[str, pd.DataFrame], path: Path, window: int = 20) -> Path:
+    """Training loss per step (moving average) for each run; POCL stage boundaries dotted."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, m in runs.items():
+        ax.plot(m["step"], m["loss"].rolling(window, min_periods=1).mean(), label=name)
+        if m["stage"].nunique() > 1:
+            for b in _stage_starts(m):
+                ax.axvline(b, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"(1-lambda) CE + lambda KD, {window}-step mean")
+    # the curriculum's loss jumps at a boundary by design: harder data, larger tau^2 KD term
+    ax.set_title("Training loss (dotted: stage boundaries; tau and lambda rise per stage)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_eval(results: pd.DataFrame, path: Path) -> Path:
+    """Bars of mean ± sd per model × eval set for ROUGE-L and exact match.
+
+    `results` has one row per model × set × seed with columns model, set, rougeL, exact_match.
+    """
+    agg = results.groupby(["set", "model"])[["rougeL", "exact_match"]].agg(["mean", "std"])
+    agg = agg.fillna(0.0)
+    seeds = results.groupby(["set", "model"]).size().max()
+    sets = list(dict.fromkeys(results["set"]))
+    models = list(dict.fromkeys(results["model"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    width = 0.8 / len(models)
+    for ax, metric, label in zip(axes, ["rougeL", "exact_match"], ["ROUGE-L", "exact match"]):
+        for i, model in enumerate(models):
+            xs = [j + i * width for j in range(len(sets))]
+            means = [agg.loc[(s, model), (metric, "mean")] for s in sets]
+            sds = [agg.loc[(s, model), (metric, "std")] for s in sets]
+            ax.bar(xs, means, width, yerr=sds, capsize=3, label=model)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+        ax.set_ylabel(f"{label} (x100)")
+        ax.set_title(f"{label}, mean +/- sd over {seeds} seed(s)")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_index(out_dir: Path, figures: list[tuple[str, Path]], table_html: str) -> Path:
+    """index.html with the comparison table and every figure."""
+    parts = ["<html><head><meta charset='utf-8'><title>pocl-ray report</title></head><body>"]
+    parts.append("<h1>pocl-ray report</h1>")
+    if table_html:
+        parts.append("<h2>Results</h2>" + table_html)
+    for title, fig in figures:
+        parts.append(f"<h2>{html.escape(title)}</h2><img src='{fig.name}' style='max-width:100%'>")
+    parts.append("</body></html>")
+    path = out_dir / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def build_report(
+    out_dir: str | Path,
+    *,
+    scores: pd.DataFrame,
+    sizes: list[int],
+    runs: Mapping[str, pd.DataFrame],
+    results: pd.DataFrame | None,
+    schedule_run: str,
+) -> Path:
+    """Write every figure that the inputs allow, and index.html; returns the index path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = [("Difficulty by stage", plot_difficulty(scores, out / "difficulty.png"))]
+    if "level" in scores and scores["level"].notna().all():
+        figs.append(
+            ("Measurer agreement with true level", plot_agreement(scores, out / "agreement.png"))
+        )
+    figs.append(("Schedule", plot_schedule(runs[schedule_run], sizes, out / "schedule.png")))
+    figs.append(("Training loss", plot_loss(runs, out / "loss.png")))
+    table = ""
+    if results is not None:
+        figs.append(("Evaluation", plot_eval(results, out / "eval.png")))
+        summary = results.groupby(["model", "set"], sort=False)[["rougeL", "exact_match"]]
+        table = summary.agg(["mean", "std"]).round(2).to_html()
+    return write_index(out, figs, table)
