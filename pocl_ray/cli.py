@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--config", default=str(DEMO_CONFIG), help="config file (default: demo)")
 
+    pl = sub.add_parser(
+        "pipeline", help="sft teacher -> score -> distill POCL + KD -> evaluate -> report"
+    )
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+
     r = sub.add_parser("report", help="rebuild RUN_DIR/report/ (figures + index.html)")
     r.add_argument("run_dir", help="a run's output directory")
 
@@ -58,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+
+    f = sub.add_parser("sft", help="supervised fine-tuning (CE only) on Ray Train")
+    f.add_argument("config", help="YAML config file")
+    f.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    f.add_argument(
+        "--target", choices=["teacher", "student"], default="teacher",
+        help="teacher -> RUN/teacher/ (the demo teacher); student -> RUN/student_sft/ (baseline)",
+    )  # fmt: skip
     return p
 
 
@@ -77,17 +91,33 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if not args.plain:
-        print(
-            "pocl-ray demo: the Ray pipeline is not built yet; run `pocl-ray demo --plain` "
-            "for the single-process reference pipeline",
-            file=sys.stderr,
-        )
-        return 2
-    from pocl_ray.plain import run_plain  # heavy imports (torch, transformers) only here
-
     cfg = load_config(args.config, args.overrides)
-    run_plain(cfg)
+    if args.plain:
+        from pocl_ray.plain import run_plain  # heavy imports (torch, transformers) only here
+
+        run_plain(cfg)
+        return 0
+    return _run_pipeline(cfg)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    return _run_pipeline(load_config(args.config, args.overrides))
+
+
+def _run_pipeline(cfg) -> int:
+    from jobs.distill import DistillJobError, ResourceRequestError
+    from jobs.evaluate import EvalJobError
+    from jobs.pipeline import main
+    from jobs.score import ScoreJobError
+
+    try:
+        main(cfg)
+    except ResourceRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DistillJobError, ScoreJobError, EvalJobError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -140,6 +170,19 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from jobs.distill import ResourceRequestError
+    from jobs.sft import main
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        main(cfg, target=args.target)
+    except ResourceRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -156,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "score": _score,
             "evaluate": _evaluate,
             "distill": _distill,
+            "sft": _sft,
+            "pipeline": _pipeline,
         }
         return jobs[args.command](args)
     except (ConfigError, DataError) as e:

@@ -156,11 +156,13 @@ def test_no_subcommand_is_usage_error(capsys):
     assert "usage: pocl-ray" in capsys.readouterr().err
 
 
-def test_demo_without_plain_is_refused(capsys):
-    rc = main(["demo"])
+def test_demo_validates_its_overrides_before_any_work(capsys, tmp_path):
+    # a bad override stops `demo` (the Ray pipeline) before Ray or any model starts
+    rc = main(["demo", f"run.output_dir={tmp_path}", "curriculum.num_stages=x"])
     _, err = capsys.readouterr()
     assert rc == 2
-    assert "--plain" in err
+    assert "curriculum.num_stages" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_module_entry_point_reports_all_mistakes(bad_config):
