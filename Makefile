@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/pocl-ray demo --plain $(ARGS)
+	$(VENV)/bin/pocl-ray demo $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

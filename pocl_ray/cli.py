@@ -76,9 +76,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pocl_ray.plain import report_plain
+    run = Path(args.run_dir)
+    if (run / "pocl" / "metrics.jsonl").exists():  # written by `pocl-ray pipeline` / `demo`
+        from jobs.pipeline import build_report
 
-    print(f"report: {report_plain(args.run_dir)}")
+        index = build_report(load_config(run / "config.yaml", [f"run.output_dir={run}"]))
+    else:  # written by `pocl-ray demo --plain`
+        from pocl_ray.plain import report_plain
+
+        index = report_plain(run)
+    print(f"report: {index}")
     return 0
 
 

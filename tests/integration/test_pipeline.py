@@ -1,0 +1,52 @@
+"""The whole pipeline on a reduced config, on the session's local Ray: every artefact is
+written, and a second run reuses every step."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs import pipeline
+from pocl_ray.config import load_config
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+TINY = [
+    "data.builtin_size=120",
+    "teacher.hidden_size=32",
+    "teacher.num_heads=2",
+    "student.hidden_size=16",
+    "student.num_heads=2",
+    "student.num_layers=1",
+    "sft.epochs=1",
+    "sft.student_epochs=1",
+    "scoring.max_new_tokens=4",
+    "eval.max_new_tokens=4",
+    "curriculum.interval=1",
+]
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys):
+    cfg = load_config(DEMO, [*TINY, f"run.output_dir={tmp_path}"])
+    index = pipeline.main(cfg)
+    first = capsys.readouterr().out
+    for rel in ["teacher/model.safetensors", "scores/manifest.json", "student_init/config.json",
+                "pocl/student/model.safetensors", "kd/student/model.safetensors",
+                "pocl/metrics.jsonl", "kd/metrics.jsonl", "eval/results.csv",
+                "eval/generations.jsonl", "report/index.html", "report/loss.png",
+                "report/eval.png", "report/difficulty.png", "report/schedule.png"]:  # fmt: skip
+        assert (tmp_path / rel).exists(), rel
+    assert index == tmp_path / "report" / "index.html"
+    results = pd.read_csv(tmp_path / "eval" / "results.csv")
+    assert set(results["model"]) == {"teacher", "pocl", "kd"}
+    pocl = pd.read_json(tmp_path / "pocl" / "metrics.jsonl", lines=True)
+    kd = pd.read_json(tmp_path / "kd" / "metrics.jsonl", lines=True)
+    assert pocl["stage"].nunique() == cfg.curriculum.num_stages and kd["stage"].nunique() == 1
+    assert "report:" in first and "heldout" in first
+
+    mtime = (tmp_path / "pocl" / "student" / "model.safetensors").stat().st_mtime_ns
+    pipeline.main(cfg)
+    second = capsys.readouterr().out
+    assert "sft teacher: reusing" in second
+    assert "pocl: reusing" in second and "kd: reusing" in second
+    assert (tmp_path / "pocl" / "student" / "model.safetensors").stat().st_mtime_ns == mtime
