@@ -52,6 +52,7 @@ def distil_into(cfg: Config, name: str, mode: str) -> Path:
         if (out / item).exists():
             shutil.rmtree(dest / item, ignore_errors=True)
             shutil.move(str(out / item), str(dest / item))
+    print(f"pipeline: {name}: outputs moved to {dest}/ (student/, metrics.jsonl, ...)", flush=True)
     return dest
 
 

@@ -157,6 +157,7 @@ class ScorerActor:
     ):
         cfg: Config = from_dict(config, source="scoring actor config")
         torch.set_num_threads(num_threads)
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per model and actor
         self.scoring = cfg.scoring
         self.device = torch.device(
             "cuda" if cfg.scoring.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
