@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
@@ -200,6 +201,9 @@ class CurriculumConfig:
     """Advance early when the dev loss has not improved for this many evaluations (null = off)."""
     eval_every: int = 0
     """Steps between dev evaluations for the plateau trigger (0 = once per epoch)."""
+    shuffle: bool = True
+    """Reshuffle the stage's subset every epoch from (run.seed, stage, epoch); false = the
+    subset's own order every epoch (for comparisons and tests)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -256,6 +260,13 @@ class LossConfig:
     chunk_size: int | None = None
     """Evaluate the KD loss in chunks of this many tokens (bounds memory for large vocabs)."""
     on_policy_ratio: float = 0.0
+    """Probability per step that the student samples the batch's responses and KD is computed
+    on them (pocl-method.md section 6); 0 = off."""
+    on_policy_max_new_tokens: int = 64
+    """Most tokens the student samples per response on an on-policy step."""
+    teacher_source: Literal["online", "cache"] = "online"
+    """online = run the teacher on every batch; cache = the teacher's top-K logits stored by
+    the scoring job (scoring.teacher_topk): KD on that support only (docs/distill.md)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -264,6 +275,10 @@ class LossConfig:
                 out.append(f"loss.{name}: got {getattr(self, name)}; allowed 0..1")
         if self.chunk_size is not None and self.chunk_size < 1:
             out.append(f"loss.chunk_size: got {self.chunk_size}; use >= 1 or null")
+        if self.on_policy_max_new_tokens < 1:
+            out.append(
+                f"loss.on_policy_max_new_tokens: got {self.on_policy_max_new_tokens}; must be >= 1"
+            )
         return out
 
 
@@ -312,21 +327,88 @@ class ScalingConfig:
         return out
 
 
+HELDOUT = "heldout"
+"""The eval-set name of the held-out split of the configured data (`data.eval_fraction`)."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def named_entry(entry: str) -> tuple[str, str]:
+    """`name=path` -> (name, path); a bare `path` is named after its last component without
+    the suffix (`data/dollyeval.jsonl` -> `dollyeval`, `runs/demo/teacher` -> `teacher`).
+    The bare entry `heldout` is the held-out split and has no path: (`heldout`, "")."""
+    if "=" in entry:
+        name, path = entry.split("=", 1)
+        return name.strip(), path.strip()
+    entry = entry.strip()
+    if entry == HELDOUT:
+        return HELDOUT, ""
+    return PurePath(entry).stem, entry
+
+
+def _named_problems(key: str, entries: list[str], what: str) -> list[str]:
+    """Problems of a list of `name=path` entries (empty part, bad or duplicate name)."""
+    out, seen = [], set()
+    for i, entry in enumerate(entries):
+        name, path = named_entry(entry)
+        where = f"eval.{key}[{i}]"
+        if key == "sets" and name == HELDOUT and path:
+            out.append(
+                f"{where}: got {entry!r}; the name {HELDOUT!r} is reserved for the held-out "
+                f"split of the configured data; give this {what} another name"
+            )
+            continue
+        if not path and not (key == "sets" and name == HELDOUT):
+            out.append(f"{where}: got {entry!r}; expected name=path or a path to a {what}")
+            continue
+        if not _NAME.fullmatch(name):
+            out.append(
+                f"{where}: name {name!r} of {entry!r}; use letters, digits, '_', '.', '-' "
+                f"(write name=path to choose one)"
+            )
+            continue
+        if name in seen:
+            out.append(f"{where}: name {name!r} is used twice; names must be unique")
+        seen.add(name)
+    return out
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
+    """The evaluation job (pocl-method.md section 7; docs/evaluate.md)."""
+
     decoding: Literal["sample", "greedy"] = "sample"
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    """Sampling seeds, one decoding pass each (greedy decodes once and ignores them)."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     no_repeat_ngram_size: int = 6
     max_new_tokens: int = 256
     max_examples: int | None = None
+    """Evaluate the first `max_examples` examples of each set (null = all)."""
+    sets: list[str] = field(default_factory=lambda: [HELDOUT])
+    """Eval sets: `name=path` or a bare path (named after its file stem); `heldout` is the
+    held-out split of the configured data (`data.eval_fraction`)."""
+    models: list[str] = field(default_factory=list)
+    """Models to evaluate: `name=path` or a bare path (named after its folder) of a
+    save_pretrained folder or hub name; a relative path missing from the working directory is
+    looked up under run.output_dir. Empty = the run's teacher."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype the evaluated models are loaded in."""
+    batch_size: int = 16
+    """Rows (example x seed) per generation batch."""
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
 
     def problems(self) -> list[str]:
         out = []
         if not self.seeds:
             out.append("eval.seeds: got []; give at least one seed")
+        if any(s < 0 for s in self.seeds):
+            out.append(f"eval.seeds: got {self.seeds}; seeds must be >= 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            out.append(f"eval.seeds: got {self.seeds}; each seed at most once")
         if self.temperature <= 0:
             out.append(f"eval.temperature: got {self.temperature}; must be > 0")
         if not 0 < self.top_p <= 1:
@@ -337,6 +419,15 @@ class EvalConfig:
             out.append(f"eval.max_new_tokens: got {self.max_new_tokens}; must be >= 1")
         if self.max_examples is not None and self.max_examples < 1:
             out.append(f"eval.max_examples: got {self.max_examples}; use >= 1 or null")
+        if not self.sets:
+            out.append(f"eval.sets: got []; give at least one set (e.g. [{HELDOUT}])")
+        out += _named_problems("sets", self.sets, "JSONL/JSON/parquet eval file")
+        out += _named_problems("models", self.models, "save_pretrained model folder")
+        for name in ("batch_size", "num_actors"):
+            if getattr(self, name) < 1:
+                out.append(f"eval.{name}: got {getattr(self, name)}; must be >= 1")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            out.append("eval.cpus_per_actor / gpus_per_actor: must be >= 0")
         return out
 
 
@@ -350,6 +441,11 @@ class RunConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints besides stage boundaries (0 = stage boundaries only)."""
     log_every: int = 10
+    max_failures: int = 2
+    """Distillation: worker-group failures to recover from, each from the latest checkpoint
+    (-1 = no limit)."""
+    keep_checkpoints: int | None = 3
+    """Distillation: checkpoints kept in storage, newest first (null = all)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -359,6 +455,10 @@ class RunConfig:
             out.append(f"run.name: got {self.name!r}; use a non-empty name without '/'")
         if self.checkpoint_every < 0 or self.log_every < 1:
             out.append("run.checkpoint_every must be >= 0 and run.log_every >= 1")
+        if self.max_failures < -1:
+            out.append(f"run.max_failures: got {self.max_failures}; use >= 0, or -1")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            out.append(f"run.keep_checkpoints: got {self.keep_checkpoints}; use >= 1 or null")
         return out
 
 
@@ -395,6 +495,18 @@ class Config:
                 f"curriculum.alphas: set, but loss.kind is {self.loss.kind!r}; "
                 "alphas only apply to skl / srkl"
             )
+        if self.loss.teacher_source == "cache":
+            if self.scoring.teacher_topk == 0:
+                out.append(
+                    "loss.teacher_source: 'cache' needs the teacher's top-K in the scores "
+                    "table; set scoring.teacher_topk (e.g. 20) and run `pocl-ray score` again"
+                )
+            if self.loss.on_policy_ratio > 0:
+                out.append(
+                    f"loss.on_policy_ratio: got {self.loss.on_policy_ratio} with "
+                    "loss.teacher_source 'cache'; the cache only covers the reference "
+                    "responses, so on-policy KD needs loss.teacher_source=online"
+                )
         return out
 
 

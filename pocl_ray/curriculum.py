@@ -235,6 +235,71 @@ def epoch_order(
     return [subset[i] for i in perm]
 
 
+def stage_batches(
+    p: StagePlan, subset: Sequence[int], *, seed: int, batch_size: int, shuffle: bool = True
+) -> list[list[int]]:
+    """The global batch of every planned step of stage `p`, in order: entry k is the batch of
+    step_in_stage k. Each epoch is `epoch_order` cut into batches of `batch_size` (the last,
+    partial batch kept), exactly the batches `train_step.run_curriculum` takes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: got {batch_size}; must be >= 1")
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < p.total_steps:
+        idx = epoch_order(subset, seed=seed, stage=p.stage, epoch=epoch, shuffle=shuffle)
+        for start in range(0, len(idx), batch_size):
+            if len(out) == p.total_steps:
+                break
+            out.append(list(idx[start : start + batch_size]))
+        epoch += 1
+    return out
+
+
+def worker_share(rows: Sequence[int], world_size: int, rank: int) -> list[int]:
+    """Rank `rank`'s part of one global batch: contiguous, sizes differing by at most one.
+
+    A full batch of world_size · b rows gives every rank b rows; a partial last batch of r
+    rows gives the first r mod world_size ranks one row more (and a rank nothing when
+    r < world_size: it then takes part in the step with no tokens).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: got {rank}; world_size {world_size} has ranks 0..{world_size - 1}")
+    base, extra = divmod(len(rows), world_size)
+    start = rank * base + min(rank, extra)
+    return list(rows[start : start + base + (rank < extra)])
+
+
+def difficulty_buckets(
+    difficulty_rank: Sequence[int] | np.ndarray, sizes: Sequence[int]
+) -> np.ndarray:
+    """Bucket of each sample: the first stage whose (easiest-first) subset holds it. (N,) -> (N,)
+
+    With cumulative `sizes` of the pocl partition, bucket 0 = the easiest sizes[0] samples,
+    bucket b = ranks sizes[b-1]+1 .. sizes[b]. Used to report the training loss per difficulty
+    bucket whatever the curriculum mode.
+    """
+    ranks = np.asarray(difficulty_rank)
+    if len(ranks) and (ranks.min() < 1 or ranks.max() > sizes[-1]):
+        raise ValueError(f"difficulty_rank must lie in 1..{sizes[-1]}")
+    return np.searchsorted(np.asarray(sizes), ranks, side="left")
+
+
+def on_policy_seed(seed: int, step: int, ratio: float) -> int | None:
+    """Whether global step `step` is an on-policy step (probability `ratio`, pocl-method.md
+    section 6): the sampling seed for it, or None. A pure function of (seed, step), so a
+    resumed run makes the same choices and samples the same responses.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio: got {ratio}; allowed 0..1")
+    if ratio == 0.0:
+        return None
+    rng = np.random.default_rng([seed, 0x6F6E, step])
+    if rng.random() >= ratio:
+        return None
+    return int(rng.integers(2**31))
+
+
 # ---------------------------------------------------------------- step → position, LR
 
 

@@ -14,14 +14,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pocl_ray import curriculum
 from pocl_ray.config import Config, LossConfig, OptimConfig
-from pocl_ray.data import TokenizedExample, collate
-from pocl_ray.losses import ce_loss, kd_loss, mixed_loss
+from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, prompt_batch
+from pocl_ray.losses import ce_loss, kd_loss, mixed_loss, per_token_kd, topk_kd_loss
 
 log = logging.getLogger("pocl_ray.train")
+
+
+TOPK_IDS = "teacher_topk_ids"
+"""Batch key of a cached teacher's top-K token ids, (B, L-1, K) long, aligned with the shifted
+logits (see `topk_targets`); with it (and TOPK_LOGITS) the KD term needs no teacher model."""
+TOPK_LOGITS = "teacher_topk_logits"
 
 
 @dataclass(kw_only=True)
@@ -31,6 +39,40 @@ class StepResult:
     kd: float
     tokens: int
     grad_norm: float
+    row_loss: list[float] | None = None
+    """Per batch row: the sum of its tokens' mixed loss (1 − λ)·ce + λ·kd (with per_row)."""
+    row_tokens: list[int] | None = None
+    on_policy: bool = False
+
+
+@dataclass(kw_only=True)
+class LossTerms:
+    """The loss of one batch: total = mixed_loss(ce, kd, λ), each a token mean."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    tokens: int
+    row_loss: torch.Tensor | None = None
+    """(B,) float32, no grad: each row's summed mixed loss over its response tokens."""
+    row_tokens: torch.Tensor | None = None
+    """(B,) long: each row's response tokens."""
+
+
+@dataclass(kw_only=True)
+class OnPolicy:
+    """Make this step on-policy (pocl-method.md section 6): the student samples a response to
+    each prompt of the batch and KD is computed on those responses."""
+
+    seed: int
+    """Sampling seed (`curriculum.on_policy_seed`), so a replayed step samples the same text."""
+    max_new_tokens: int
+    max_length: int
+    """Prompt + sample are cut to this many tokens (the model's position budget)."""
+    pad_id: int
+    generator: torch.nn.Module | None = None
+    """The model that samples, when the trained module wraps it (DDP's .module); None = the
+    student itself."""
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -62,19 +104,262 @@ def compute_losses(
     alpha: float,
     loss: LossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(total, ce, kd, response tokens) for one batch; KD is skipped when λ = 0 or no teacher."""
+    """(total, ce, kd, response tokens) for one batch; KD is skipped when λ = 0 or no teacher.
+
+    A batch holding TOPK_IDS / TOPK_LOGITS (a cached teacher) gets the top-K KD loss instead
+    of running `teacher` (which must then be None); see `loss_terms`.
+    """
+    t = loss_terms(student, teacher, batch, tau=tau, kd_ratio=kd_ratio, alpha=alpha, loss=loss)
+    return t.total, t.ce, t.kd, t.tokens
+
+
+def loss_terms(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    *,
+    tau: float,
+    kd_ratio: float,
+    alpha: float,
+    loss: LossConfig,
+    per_row: bool = False,
+) -> LossTerms:
+    """CE + KD of one batch at the stage's τ, λ, α; with per_row also each row's loss.
+
+    Teacher: `teacher` run on the batch (online), or the cached top-K in the batch
+    (TOPK_IDS, TOPK_LOGITS, each (B, L-1, K): `topk_kd_loss`, the KD restricted to the
+    teacher's top-K support and renormalised there), or none (KD = 0).
+    """
+    cached = TOPK_IDS in batch
+    if cached and teacher is not None:
+        raise ValueError("give either a teacher model or a cached top-K in the batch, not both")
     out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits, targets, mask = shifted(out.logits, batch["labels"])
     ce = ce_loss(logits, targets, mask)
+    kd_kwargs = dict(
+        kind=loss.kind,
+        temperature=tau,
+        scale_by_tau_sq=loss.scale_by_tau_sq,
+        alpha=alpha,
+        beta=loss.beta,
+    )
+    t_logits = None
+    if kd_ratio == 0.0 or (teacher is None and not cached):
+        kd = torch.zeros((), dtype=torch.float32, device=ce.device)
+    elif cached:
+        kd = topk_kd_loss(logits, batch[TOPK_IDS], batch[TOPK_LOGITS], mask, **kd_kwargs)
+    else:
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t_logits = t_out.logits[:, :-1]
+        kd = kd_loss(logits, t_logits, mask, **kd_kwargs, chunk_size=loss.chunk_size)
+    terms = LossTerms(total=mixed_loss(ce, kd, kd_ratio), ce=ce, kd=kd, tokens=int(mask.sum()))
+    if per_row:
+        kd_pair = None
+        if kd_ratio > 0.0 and cached:
+            kd_pair = (logits.gather(-1, batch[TOPK_IDS]), batch[TOPK_LOGITS])
+        elif kd_ratio > 0.0 and t_logits is not None:
+            kd_pair = (logits, t_logits)
+        terms.row_loss = _row_loss(
+            logits, kd_pair, targets, mask, tau=tau, kd_ratio=kd_ratio, alpha=alpha, loss=loss
+        )
+        terms.row_tokens = mask.sum(dim=1)
+    return terms
+
+
+@torch.no_grad()
+def _row_loss(
+    logits: torch.Tensor,
+    kd_pair: tuple[torch.Tensor, torch.Tensor] | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    kd_ratio: float,
+    alpha: float,
+    loss: LossConfig,
+) -> torch.Tensor:
+    """Each row's summed per-token (1 − λ)·ce + λ·kd (τ² as configured). (B, L, V) -> (B,)
+
+    The same per-token terms `ce_loss` and `kd_loss` average, so the rows' sums over the batch
+    tokens give back the batch loss; no gradient, KD in chunks of loss.chunk_size tokens.
+    kd_pair: the (student, teacher) logits the KD term compares (for a cached teacher, the
+    student's logits on the teacher's top-K support); None when λ = 0 or there is no teacher.
+    """
+    rows = mask.nonzero()[:, 0]
+    per_token = (1.0 - kd_ratio) * F.cross_entropy(
+        logits[mask].float(), targets[mask], reduction="none"
+    )
+    if kd_pair is not None:
+        s, t = kd_pair[0][mask], kd_pair[1][mask]
+        chunk = loss.chunk_size or 4096
+        kd = torch.cat(
+            [
+                per_token_kd(
+                    s[i : i + chunk],
+                    t[i : i + chunk],
+                    kind=loss.kind,
+                    temperature=tau,
+                    alpha=alpha,
+                    beta=loss.beta,
+                )
+                for i in range(0, len(s), chunk)
+            ]
+            or [s.new_zeros(0, dtype=torch.float32)]
+        )
+        per_token = per_token + kd_ratio * kd * (tau**2 if loss.scale_by_tau_sq else 1.0)
+    out = torch.zeros(mask.shape[0], dtype=torch.float32, device=per_token.device)
+    return out.index_add_(0, rows, per_token)
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Response tokens the loss of `batch` averages over (labels after the shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def topk_targets(
+    labels: torch.Tensor, rows: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each row's cached teacher top-K at the shifted positions it belongs to.
+
+    Args:
+        labels: (B, L) long, as from `collate` (IGNORE_INDEX on prompt and padding).
+        rows: per batch row, (ids, logits) of shape (R_b, K): entry j is the teacher's top-K
+            for the row's j-th response token (the scoring job's cache, docs/scoring.md).
+
+    Returns:
+        ids (B, L-1, K) long and logits (B, L-1, K) float32, aligned with `shifted` logits:
+        position t holds the entry that predicts labels[t + 1]; zeros where masked out.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    k = max((np.shape(ids)[1] for ids, _ in rows if np.size(ids)), default=1)
+    ids_out = torch.zeros((*mask.shape, k), dtype=torch.long)
+    logits_out = torch.zeros((*mask.shape, k), dtype=torch.float32)
+    for b, (ids, logits) in enumerate(rows):
+        at = mask[b].nonzero()[:, 0]
+        if len(at) != len(ids):
+            raise ValueError(
+                f"row {b}: the cache has {len(ids)} teacher positions but the row has {len(at)} "
+                "response tokens; the cache was made from other tokenised rows"
+            )
+        if len(at):
+            ids_out[b, at] = torch.from_numpy(np.array(ids, dtype=np.int64))
+            logits_out[b, at] = torch.from_numpy(np.array(logits, dtype=np.float32))
+    return ids_out, logits_out
+
+
+# ---------------------------------------------------------------- on-policy (pocl-method.md §6)
+
+
+def _pad_width(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad (B, L) to (B, width)."""
+    return F.pad(x, (0, width - x.shape[1]), value=value)
+
+
+@torch.no_grad()
+def on_policy_batch(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    pad_id: int,
+    max_new_tokens: int,
+    max_length: int,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """The batch's prompts with responses sampled from `model` (T = 1, top-k 0, top-p 1).
+
+    Returns a training batch in the `collate` layout (right padded, on the batch's device):
+    labels hold each sampled token at its own position, up to and including the first EOS,
+    IGNORE_INDEX on the prompt and after EOS. `shifted` then pairs the logits at t with the
+    token at t + 1 like for reference data, so no label is one position off (the bug of the
+    authors' code). Sampling uses its own generator state seeded by `seed`; the global RNG is
+    left as it was.
+    """
+    labels, ids = batch["labels"].cpu(), batch["input_ids"].cpu()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    prompts = []
+    for b in range(ids.shape[0]):
+        response = (labels[b] != IGNORE_INDEX).nonzero()
+        plen = int(response[0, 0]) if len(response) else lengths[b]
+        prompts.append(ids[b, :plen].tolist())
+    device = batch["input_ids"].device
+    eos = model.generation_config.eos_token_id
+    room = max(1, min(max_new_tokens, max_length - max(len(p) for p in prompts)))
+    input_ids, attention = prompt_batch(prompts, pad_id)
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=room,
+            pad_token_id=pad_id,
+            eos_token_id=eos,
+        )
+    model.train(was_training)
+    examples = []
+    for b, prompt in enumerate(prompts):
+        sampled = out[b, input_ids.shape[1] :].tolist()
+        if eos in sampled:
+            sampled = sampled[: sampled.index(eos) + 1]
+        examples.append(
+            TokenizedExample(
+                sample_id="",
+                input_ids=prompt + sampled,
+                labels=[IGNORE_INDEX] * len(prompt) + sampled,
+                prompt_length=len(prompt),
+                prompt_truncated=False,
+                response_truncated=False,
+            )
+        )
+    return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+
+
+def on_policy_terms(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    sampled: dict[str, torch.Tensor],
+    *,
+    pad_id: int,
+    tau: float,
+    kd_ratio: float,
+    alpha: float,
+    loss: LossConfig,
+) -> LossTerms:
+    """(1 − λ)·CE on the reference responses + λ·KD on the student's own samples.
+
+    One student forward over both (stacked, padded to one width), so DDP sees one forward and
+    one backward per step; the teacher runs on the sampled rows only. No CE term touches
+    student-generated text (pocl-method.md section 6).
+    """
+    n = batch["input_ids"].shape[0]
+    width = max(batch["input_ids"].shape[1], sampled["input_ids"].shape[1])
+    pad = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    both = {
+        k: torch.cat([_pad_width(batch[k], width, v), _pad_width(sampled[k], width, v)])
+        for k, v in pad.items()
+    }
+    out = student(input_ids=both["input_ids"], attention_mask=both["attention_mask"])
+    logits, targets, mask = shifted(out.logits, both["labels"])
+    ce = ce_loss(logits[:n], targets[:n], mask[:n])
     if teacher is None or kd_ratio == 0.0:
         kd = torch.zeros((), dtype=torch.float32, device=ce.device)
     else:
         with torch.no_grad():
-            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            t_logits = teacher(
+                input_ids=both["input_ids"][n:], attention_mask=both["attention_mask"][n:]
+            ).logits[:, :-1]
         kd = kd_loss(
-            logits,
-            t_out.logits[:, :-1],
-            mask,
+            logits[n:],
+            t_logits,
+            mask[n:],
             kind=loss.kind,
             temperature=tau,
             scale_by_tau_sq=loss.scale_by_tau_sq,
@@ -82,7 +367,7 @@ def compute_losses(
             beta=loss.beta,
             chunk_size=loss.chunk_size,
         )
-    return mixed_loss(ce, kd, kd_ratio), ce, kd, int(mask.sum())
+    return LossTerms(total=mixed_loss(ce, kd, kd_ratio), ce=ce, kd=kd, tokens=int(mask[:n].sum()))
 
 
 def train_step(
@@ -95,19 +380,46 @@ def train_step(
     base_lr: float,
     loss: LossConfig,
     grad_clip: float,
+    loss_scale: float = 1.0,
+    per_row: bool = False,
+    on_policy: OnPolicy | None = None,
 ) -> StepResult:
-    """Student forward, teacher forward (no grad), CE + KD at the stage's τ and λ, clip, step."""
+    """Student forward, teacher forward (no grad), CE + KD at the stage's τ and λ, clip, step.
+
+    loss_scale: multiplies the loss before backward only (the reported loss is unscaled). Data
+        parallel workers pass world_size · tokens_here / tokens_all_workers, so that averaging
+        their gradients gives the gradient of the token mean over the whole global batch.
+    per_row: also return each row's summed loss and token count (`loss_terms`).
+    on_policy: make this step on-policy (`on_policy_terms`; per-row results are then None).
+    """
     for group in optimizer.param_groups:
         group["lr"] = base_lr * pos.lr_mult
-    total, ce, kd, tokens = compute_losses(
-        student, teacher, batch, tau=pos.tau, kd_ratio=pos.kd_ratio, alpha=pos.alpha, loss=loss
-    )
+    knobs = dict(tau=pos.tau, kd_ratio=pos.kd_ratio, alpha=pos.alpha, loss=loss)
+    if on_policy is None:
+        terms = loss_terms(student, teacher, batch, **knobs, per_row=per_row)
+    else:
+        sampled = on_policy_batch(
+            on_policy.generator or student,
+            batch,
+            pad_id=on_policy.pad_id,
+            max_new_tokens=on_policy.max_new_tokens,
+            max_length=on_policy.max_length,
+            seed=on_policy.seed,
+        )
+        terms = on_policy_terms(student, teacher, batch, sampled, pad_id=on_policy.pad_id, **knobs)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    (terms.total if loss_scale == 1.0 else terms.total * loss_scale).backward()
     norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
     return StepResult(
-        loss=total.item(), ce=ce.item(), kd=kd.item(), tokens=tokens, grad_norm=float(norm)
+        loss=terms.total.item(),
+        ce=terms.ce.item(),
+        kd=terms.kd.item(),
+        tokens=terms.tokens,
+        grad_norm=float(norm),
+        row_loss=None if terms.row_loss is None else terms.row_loss.tolist(),
+        row_tokens=None if terms.row_tokens is None else terms.row_tokens.tolist(),
+        on_policy=on_policy is not None,
     )
 
 
@@ -147,14 +459,16 @@ def run_curriculum(
     pad_id: int,
     dev_examples: Sequence[TokenizedExample] = (),
     on_step: Callable[[dict], None] | None = None,
-    shuffle: bool = True,
+    shuffle: bool | None = None,
 ) -> list[dict]:
     """Run the whole curriculum of `cfg` over in-memory examples; returns the per-step log.
 
     `difficulty_rank[i]` is example i's rank (1 = easiest). Each log row holds step, stage,
     epoch, step_in_epoch, tau, kd_ratio, lr, loss, ce, kd, tokens, tokens_per_s.
+    shuffle: reshuffle every epoch (None = cfg.curriculum.shuffle).
     """
     cur, opt_cfg = cfg.curriculum, cfg.optim
+    shuffle = cur.shuffle if shuffle is None else shuffle
     plan = curriculum.stage_table(
         cur, n=len(examples), batch_size=opt_cfg.batch_size, loss_alpha=cfg.loss.alpha
     )
@@ -233,6 +547,9 @@ def _run_stage(
             )
             t0 = time.perf_counter()
             batch = collate([examples[i] for i in batch_idx], pad_id)
+            seed = curriculum.on_policy_seed(
+                cfg.run.seed, pos.global_step, cfg.loss.on_policy_ratio
+            )
             res = train_step(
                 student,
                 teacher,
@@ -242,6 +559,7 @@ def _run_stage(
                 base_lr=opt_cfg.lr,
                 loss=cfg.loss,
                 grad_clip=opt_cfg.grad_clip,
+                on_policy=None if seed is None else on_policy_spec(cfg, seed, pad_id),
             )
             row = _log_row(pos, res, opt_cfg.lr, time.perf_counter() - t0)
             history.append(row)
@@ -255,6 +573,19 @@ def _run_stage(
             if _plateaued(tracker, student, dev_examples, pad_id, p.stage, step_in_stage):
                 return step_in_stage
     return step_in_stage
+
+
+def on_policy_spec(
+    cfg: Config, seed: int, pad_id: int, generator: torch.nn.Module | None = None
+) -> OnPolicy:
+    """The on-policy settings of `cfg` for one step with sampling seed `seed`."""
+    return OnPolicy(
+        seed=seed,
+        max_new_tokens=cfg.loss.on_policy_max_new_tokens,
+        max_length=cfg.data.max_length,
+        pad_id=pad_id,
+        generator=generator,
+    )
 
 
 def _plateaued(tracker, student, dev_examples, pad_id: int, stage: int, step: int) -> bool:

@@ -1,0 +1,63 @@
+"""The config fields the distillation job adds, and their validation (test_config.py style)."""
+
+import pytest
+
+from pocl_ray.config import Config, ConfigError, from_dict, load_config, to_dict
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    return e.value.problems
+
+
+def test_defaults():
+    cfg = Config()
+    assert cfg.loss.teacher_source == "online"
+    assert cfg.loss.on_policy_ratio == 0.0 and cfg.loss.on_policy_max_new_tokens == 64
+    assert cfg.curriculum.shuffle is True
+    assert cfg.run.max_failures == 2 and cfg.run.keep_checkpoints == 3
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_overrides_coerce_the_new_fields():
+    cfg = load_config(
+        None,
+        [
+            "loss.teacher_source=cache",
+            "scoring.teacher_topk=8",
+            "curriculum.shuffle=false",
+            "run.max_failures=-1",
+            "run.keep_checkpoints=null",
+            "loss.on_policy_max_new_tokens=5",
+        ],
+    )
+    assert cfg.loss.teacher_source == "cache" and cfg.scoring.teacher_topk == 8
+    assert cfg.curriculum.shuffle is False
+    assert cfg.run.max_failures == -1 and cfg.run.keep_checkpoints is None
+    assert cfg.loss.on_policy_max_new_tokens == 5
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(
+        {
+            "loss": {"teacher_source": "disk", "on_policy_max_new_tokens": 0},
+            "run": {"max_failures": -2, "keep_checkpoints": 0},
+            "curriculum": {"shuffle": "maybe"},
+        }
+    )
+    text = "\n".join(problems)
+    assert "loss.teacher_source: got 'disk'; allowed 'online', 'cache'" in text
+    assert "loss.on_policy_max_new_tokens: got 0" in text
+    assert "run.max_failures: got -2" in text
+    assert "run.keep_checkpoints: got 0" in text
+    assert "curriculum.shuffle: got 'maybe'" in text
+    assert len(problems) == 5
+
+
+def test_cache_needs_the_top_k_and_excludes_on_policy():
+    problems = problems_of({"loss": {"teacher_source": "cache", "on_policy_ratio": 0.5}})
+    assert any("scoring.teacher_topk" in p and "pocl-ray score" in p for p in problems)
+    assert any(p.startswith("loss.on_policy_ratio: got 0.5") for p in problems)
+    ok = from_dict({"loss": {"teacher_source": "cache"}, "scoring": {"teacher_topk": 4}})
+    assert ok.loss.teacher_source == "cache"
