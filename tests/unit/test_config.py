@@ -544,7 +544,8 @@ def test_unknown_key_in_section():
 def test_unknown_key_via_override():
     problems = override_problems(["sft.epoch=3"])
     assert problems == [
-        "sft.epoch: unknown key; did you mean 'epochs'? allowed keys: batch_size, epochs, lr, student_epochs"
+        "sft.epoch: unknown key; did you mean 'epochs'? "
+        "allowed keys: batch_size, epochs, lr, student_epochs"
     ]
 
 
@@ -558,8 +559,8 @@ def test_unknown_key_does_not_drop_known_keys():
     with pytest.raises(ConfigError) as exc:
         from_dict({"sft": {"epochs": 0, "epochz": 5}})
     assert (
-        "sft.epochz: unknown key; did you mean 'epochs'? allowed keys: batch_size, epochs, lr, student_epochs"
-        in exc.value.problems
+        "sft.epochz: unknown key; did you mean 'epochs'? "
+        "allowed keys: batch_size, epochs, lr, student_epochs" in exc.value.problems
     )
     assert "sft.epochs: got 0; must be >= 1" in exc.value.problems
 
