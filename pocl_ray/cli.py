@@ -112,81 +112,53 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline(cfg) -> int:
-    from jobs.distill import DistillJobError, ResourceRequestError
-    from jobs.evaluate import EvalJobError
     from jobs.pipeline import main
-    from jobs.score import ScoreJobError
 
-    try:
-        main(cfg)
-    except ResourceRequestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DistillJobError, ScoreJobError, EvalJobError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_job(lambda: main(cfg))
 
 
 def _score(args: argparse.Namespace) -> int:
-    # heavy imports (torch) only here; jobs.score imports ray itself, after choosing its address
-    from jobs.score import ResourceRequestError, ScoreJobError, main
+    from jobs.score import main
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        main(cfg, force=args.force)
-    except ResourceRequestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ScoreJobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_job(lambda: main(cfg, force=args.force))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    # heavy imports (torch) only here; jobs.evaluate imports ray itself, after choosing its address
-    from jobs.evaluate import EvalJobError, ResourceRequestError, main
+    from jobs.evaluate import main
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        main(cfg, force=args.force)
-    except ResourceRequestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except EvalJobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_job(lambda: main(cfg, force=args.force))
 
 
 def _distill(args: argparse.Namespace) -> int:
-    # heavy imports (torch) only here; jobs.distill imports ray itself, after choosing its address
-    from jobs.distill import DistillJobError, ResourceRequestError, main
-    from jobs.score import ScoreJobError
+    from jobs.distill import main
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        main(cfg)
-    except ResourceRequestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DistillJobError, ScoreJobError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_job(lambda: main(cfg))
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from jobs.distill import ResourceRequestError
     from jobs.sft import main
 
     cfg = load_config(args.config, args.overrides)
+    return _run_job(lambda: main(cfg, target=args.target))
+
+
+def _run_job(job) -> int:
+    """Run a Ray job: exit 2 for resources the cluster cannot give (checked before any work),
+    3 for a job that cannot finish correctly; the message says why and what to do."""
+    # heavy imports (torch) only here; the jobs import ray themselves, after choosing an address
+    from jobs import distill, evaluate, score
+
     try:
-        main(cfg, target=args.target)
-    except ResourceRequestError as e:
+        job()
+    except (score.ResourceRequestError, distill.ResourceRequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (score.ScoreJobError, distill.DistillJobError, evaluate.EvalJobError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

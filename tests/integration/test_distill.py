@@ -22,37 +22,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from jobs import distill, score
 from pocl_ray import cli, curriculum, difficulty, models
-from pocl_ray.config import load_config
 from pocl_ray.data import TokenizedExample, collate, split_train_eval, tokenize_records
 from pocl_ray.plain import load_task_records
 from pocl_ray.ray_train import latest_checkpoint, read_state
 from pocl_ray.train_step import TOPK_IDS, TOPK_LOGITS, loss_terms, run_curriculum, topk_targets
+from tests import tiny
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 BATCH = 16  # optim.batch_size of the demo config
-TINY = [
-    "data.builtin_size=120",
-    "teacher.hidden_size=32",
-    "teacher.num_layers=2",
-    "teacher.num_heads=2",
-    "student.hidden_size=16",
-    "student.num_layers=1",
-    "student.num_heads=2",
-    "sft.epochs=1",
-    "sft.student_epochs=1",
-    "scoring.max_new_tokens=4",
-    "scoring.batch_size=16",
-    "scoring.teacher_topk=4",
-    "curriculum.interval=1",  # 4 stages of 1 epoch: 2 + 4 + 6 + 7 = 19 steps of 16 rows
-    "run.log_every=1",
-]
+EXTRA = ["scoring.teacher_topk=4", "run.log_every=1"]  # 2 + 4 + 6 + 7 = 19 steps of 16 rows
 
 
 def tiny_cfg(out: Path, *extra: str):
-    return load_config(DEMO, [*TINY, f"run.output_dir={out}", *extra])
+    return tiny.tiny_cfg(out, *EXTRA, *extra)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,7 +250,13 @@ def test_teacher_cache_feeds_each_row_its_own_top_k(scored, tmp_path):
 @pytest.mark.timeout(60)
 def test_gpu_requested_without_gpu_fails_fast(ray_local, tmp_path, capsys):
     out = tmp_path / "run"
-    args = [*TINY, f"run.output_dir={out}", "scaling.use_gpu=true", "scaling.num_workers=1"]
+    args = [
+        *tiny.TINY,
+        *EXTRA,
+        f"run.output_dir={out}",
+        "scaling.use_gpu=true",
+        "scaling.num_workers=1",
+    ]
     assert cli.main(["distill", str(DEMO), *args]) == 2
     err = capsys.readouterr().err
     assert "no GPU" in err and "scaling.use_gpu=false" in err

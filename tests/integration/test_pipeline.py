@@ -1,33 +1,16 @@
 """The whole pipeline on a reduced config, on the session's local Ray: every artefact is
 written, and a second run reuses every step."""
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from jobs import pipeline
-from pocl_ray.config import load_config
-
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-TINY = [
-    "data.builtin_size=120",
-    "teacher.hidden_size=32",
-    "teacher.num_heads=2",
-    "student.hidden_size=16",
-    "student.num_heads=2",
-    "student.num_layers=1",
-    "sft.epochs=1",
-    "sft.student_epochs=1",
-    "scoring.max_new_tokens=4",
-    "eval.max_new_tokens=4",
-    "curriculum.interval=1",
-]
+from tests.tiny import tiny_cfg
 
 
 @pytest.mark.timeout(600)
 def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys):
-    cfg = load_config(DEMO, [*TINY, f"run.output_dir={tmp_path}"])
+    cfg = tiny_cfg(tmp_path)
     index = pipeline.main(cfg)
     first = capsys.readouterr().out
     for rel in ["teacher/model.safetensors", "scores/manifest.json", "student_init/config.json",

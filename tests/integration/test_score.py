@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerFast
 
 from jobs import score
 from pocl_ray import cli, difficulty, models, tasks
-from pocl_ray.config import load_config
 from pocl_ray.data import TokenizedExample, load_records, split_train_eval
 from pocl_ray.signals import score_batch
+from tests.tiny import TINY, tiny_cfg
 
 pytestmark = pytest.mark.ray
 
@@ -30,23 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 DOLLY = ROOT.parent / "shared" / "data" / "dolly-train.jsonl"
 TOPK = 4
-TINY = [
-    "data.builtin_size=120",
-    "teacher.hidden_size=32",
-    "teacher.num_layers=2",
-    "teacher.num_heads=2",
-    "student.hidden_size=16",
-    "student.num_layers=1",
-    "student.num_heads=2",
-    "sft.epochs=1",
-    "sft.student_epochs=1",
-    "scoring.max_new_tokens=4",
-    "scoring.batch_size=16",
-]
-
-
-def tiny_cfg(out: Path, *extra: str):
-    return load_config(DEMO, [*TINY, f"run.output_dir={out}", *extra])
 
 
 def train_ids(cfg) -> list[str]:

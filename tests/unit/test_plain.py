@@ -1,34 +1,17 @@
 """The plain single-process pipeline end to end on a tiny config, and its report."""
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from pocl_ray.cli import main
-from pocl_ray.config import load_config
 from pocl_ray.plain import run_plain
-
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-TINY = [
-    "data.builtin_size=100",
-    "teacher.hidden_size=32",
-    "teacher.num_heads=2",
-    "student.hidden_size=16",
-    "student.num_heads=2",
-    "student.num_layers=1",
-    "sft.epochs=1",
-    "sft.student_epochs=1",
-    "scoring.max_new_tokens=4",
-    "eval.max_new_tokens=4",
-    "curriculum.interval=1",
-]
+from tests.tiny import tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
-    cfg = load_config(DEMO, [*TINY, f"run.output_dir={out}"])
+    cfg = tiny_cfg(out)
     return out, cfg, run_plain(cfg)
 
 

@@ -1,0 +1,27 @@
+"""The demo config shrunk for tests: tiny models, a small task set, one epoch per stage."""
+
+from pathlib import Path
+
+from pocl_ray.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+TINY = [
+    "data.builtin_size=120",
+    "teacher.hidden_size=32",
+    "teacher.num_layers=2",
+    "teacher.num_heads=2",
+    "student.hidden_size=16",
+    "student.num_layers=1",
+    "student.num_heads=2",
+    "sft.epochs=1",
+    "sft.student_epochs=1",
+    "scoring.max_new_tokens=4",
+    "scoring.batch_size=16",
+    "eval.max_new_tokens=4",
+    "curriculum.interval=1",  # 4 stages of 1 epoch
+]
+
+
+def tiny_cfg(out: Path, *extra: str) -> Config:
+    return load_config(DEMO, [*TINY, f"run.output_dir={out}", *extra])
