@@ -23,7 +23,7 @@ from jobs import score
 from pocl_ray import models
 from pocl_ray.config import Config, from_dict, save_resolved, to_dict
 from pocl_ray.data import TokenizedExample, split_train_eval, tokenize_records
-from pocl_ray.plain import get_tokenizer, load_task_records, new_student
+from pocl_ray.plain import get_tokenizer, load_task_records, new_student, run_sft
 
 log = logging.getLogger("pocl_ray.sft")
 
@@ -51,7 +51,6 @@ def sft_worker(loop_config: dict) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from pocl_ray import ray_train
-    from pocl_ray.train_step import sft
 
     cfg = from_dict(loop_config["config"])  # the one place the config is rebuilt in workers
     ray_train.quiet_logs(worker_process=True)
@@ -75,16 +74,7 @@ def sft_worker(loop_config: dict) -> None:
         if rank0:
             print(f"sft {target}: epoch {epoch + 1}/{cfg.sft.epochs} loss {loss:.4f}", flush=True)
 
-    losses = sft(
-        model,
-        examples,
-        epochs=cfg.sft.epochs,
-        lr=cfg.sft.lr,
-        batch_size=cfg.sft.batch_size,
-        pad_id=tok.pad_token_id,
-        seed=cfg.run.seed,
-        on_epoch=on_epoch,
-    )
+    losses = run_sft(cfg, model, examples, tok, epochs=cfg.sft.epochs, on_epoch=on_epoch)
     if rank0:
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         models.save_model(model.module if ddp else model, tok, loop_config["dest"])

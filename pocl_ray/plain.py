@@ -75,18 +75,30 @@ def get_teacher(cfg: Config, tok, train_ex, out: Path) -> torch.nn.Module:
         models.count_parameters(teacher),
         cfg.sft.epochs,
     )
-    sft(
+    run_sft(
+        cfg,
         teacher,
         train_ex,
+        tok,
         epochs=cfg.sft.epochs,
-        lr=cfg.sft.lr,
-        batch_size=cfg.sft.batch_size,
-        pad_id=tok.pad_token_id,
-        seed=cfg.run.seed,
         on_epoch=lambda e, loss: log.info("teacher SFT epoch %d: loss %.4f", e + 1, loss),
     )
     models.save_model(teacher, tok, path)
     return models.freeze_teacher(teacher)
+
+
+def run_sft(cfg: Config, model, examples, tok, *, epochs: int, on_epoch=None) -> list[float]:
+    """The core `sft` with the run's `sft.lr`, `sft.batch_size` and seed."""
+    return sft(
+        model,
+        examples,
+        epochs=epochs,
+        lr=cfg.sft.lr,
+        batch_size=cfg.sft.batch_size,
+        pad_id=tok.pad_token_id,
+        seed=cfg.run.seed,
+        on_epoch=on_epoch,
+    )
 
 
 def new_student(cfg: Config, tok) -> torch.nn.Module:
@@ -102,15 +114,7 @@ def starting_student(cfg: Config, tok, train_ex) -> torch.nn.Module:
     student = new_student(cfg, tok)
     if cfg.student.name_or_path is None and cfg.sft.student_epochs:
         log.info("student: %d epochs of SFT for its starting checkpoint", cfg.sft.student_epochs)
-        sft(
-            student,
-            train_ex,
-            epochs=cfg.sft.student_epochs,
-            lr=cfg.sft.lr,
-            batch_size=cfg.sft.batch_size,
-            pad_id=tok.pad_token_id,
-            seed=cfg.run.seed,
-        )
+        run_sft(cfg, student, train_ex, tok, epochs=cfg.sft.student_epochs)
     return student
 
 
