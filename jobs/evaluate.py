@@ -35,11 +35,11 @@ import transformers
 
 from jobs.score import (
     ResourceRequestError,
-    _replace_dir,
-    _sha,
     connect_ray,
     data_fingerprint,
     model_id,
+    replace_dir,
+    sha,
 )
 from jobs.score import check_resources as check_scoring_resources
 from pocl_ray import models
@@ -468,7 +468,7 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
             "max_prompt_length": prompt_budget(name, path, cfg),
         }
     key = {
-        "config_hash": _sha(json.dumps(hashed_config(cfg), sort_keys=True)),
+        "config_hash": sha(json.dumps(hashed_config(cfg), sort_keys=True)),
         "models": {
             n: {"id": model_id(s["path"]), "tokenizer_id": model_id(s["tokenizer"])}
             for n, s in specs.items()
@@ -611,7 +611,7 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
     (tmp / "manifest.json").write_text(
         json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
-    _replace_dir(tmp, eval_dir)
+    replace_dir(tmp, eval_dir)
     print(
         f"eval: {len(g)} answers in {timings['generate_s']:.1f} s "
         f"({len(g) / timings['generate_s']:.1f}/s) -> {eval_dir}"

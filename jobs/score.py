@@ -122,7 +122,7 @@ def _fmt(resources: Mapping[str, float]) -> str:
 # ---------------------------------------------------------------- identities
 
 
-def _sha(text: str) -> str:
+def sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -149,7 +149,7 @@ def hashed_config(cfg: Config) -> dict[str, Any]:
 
 
 def config_hash(cfg: Config) -> str:
-    return _sha(json.dumps(hashed_config(cfg), sort_keys=True))
+    return sha(json.dumps(hashed_config(cfg), sort_keys=True))
 
 
 def data_fingerprint(loaded: LoadResult) -> str:
@@ -200,7 +200,7 @@ def student_recipe(cfg: Config, tokenizer_id: str, fingerprint: str) -> str:
             "data": {k: v for k, v in d["data"].items() if k != "source"},
             "data_fingerprint": fingerprint,
         }
-    return _sha(json.dumps(recipe, sort_keys=True))
+    return sha(json.dumps(recipe, sort_keys=True))
 
 
 def save_student_init(cfg: Config, tok, train_ex, out: Path, recipe: str) -> str:
@@ -399,7 +399,7 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Swap a finished table in; readers never see a half-written `scores/`."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -605,7 +605,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
     (tmp / "manifest.json").write_text(
         json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
-    _replace_dir(tmp, scores_dir)
+    replace_dir(tmp, scores_dir)
     mean_text = " ".join(f"{s}={v:.3f}" for s, v in means.items())
     rho_text = "" if rho is None else f"; Spearman(rank, level)={rho:.3f}"
     print(

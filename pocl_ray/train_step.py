@@ -94,25 +94,6 @@ def shifted(
     return logits[:, :-1], targets, targets != -100
 
 
-def compute_losses(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
-    batch: dict[str, torch.Tensor],
-    *,
-    tau: float,
-    kd_ratio: float,
-    alpha: float,
-    loss: LossConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(total, ce, kd, response tokens) for one batch; KD is skipped when λ = 0 or no teacher.
-
-    A batch holding TOPK_IDS / TOPK_LOGITS (a cached teacher) gets the top-K KD loss instead
-    of running `teacher` (which must then be None); see `loss_terms`.
-    """
-    t = loss_terms(student, teacher, batch, tau=tau, kd_ratio=kd_ratio, alpha=alpha, loss=loss)
-    return t.total, t.ce, t.kd, t.tokens
-
-
 def loss_terms(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,

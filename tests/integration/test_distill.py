@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from jobs import distill, score
@@ -38,15 +37,6 @@ EXTRA = ["scoring.teacher_topk=4", "run.log_every=1"]  # 2 + 4 + 6 + 7 = 19 step
 
 def tiny_cfg(out: Path, *extra: str):
     return tiny.tiny_cfg(out, *EXTRA, *extra)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Workers run torch on one thread; the plain-loop references here must too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

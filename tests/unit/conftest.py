@@ -1,20 +1,10 @@
 """Fixtures shared by the core tests: built-in task records and a tokenizer trained on them."""
 
 import pytest
-import torch
 
 from pocl_ray import tasks
 from pocl_ray.data import load_records
 from pocl_ray.models import train_tokenizer
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

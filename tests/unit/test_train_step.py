@@ -25,7 +25,7 @@ from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
 from pocl_ray.models import build_tiny, freeze_teacher
 from pocl_ray.train_step import (
     batches,
-    compute_losses,
+    loss_terms,
     make_optimizer,
     mean_ce,
     run_curriculum,
@@ -97,7 +97,13 @@ def param_snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-# ---------------------------------------------------------------- shifted / compute_losses
+# ---------------------------------------------------------------- shifted / loss_terms
+
+
+def compute_losses(*args, **kwargs):
+    """(total, ce, kd, tokens) of `loss_terms`, the shape these tests compare."""
+    t = loss_terms(*args, **kwargs)
+    return t.total, t.ce, t.kd, t.tokens
 
 
 def test_shifted_aligns_logits_at_t_with_label_at_t_plus_1():
