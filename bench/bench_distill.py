@@ -8,9 +8,11 @@ Throughput is measured in the steady state: every logged window except the first
 stage (that one waits for the stage's Ray Data pipeline to start, and follows the
 stage-boundary checkpoint), as response tokens / wall time. Start-up (driver
 preparation, worker start, model loading) is reported apart. The teacher is >= 4x the
-student; the KD-loss difference of the cache is measured twice: on identical weights (the
-starting student and the online run's final student, every training row, tau 1 and 2), and
-as the training runs' final-stage KD.
+student. The cache is measured three ways: on identical weights (the starting student and
+each run's final student, every training row, tau 1 and 2); the true full-vocabulary KD of
+the cache-trained student against the online-trained one (target: at most 5 % worse); and the
+cache's own fidelity (float16 log-probs, the tail interpolated between grid temperatures)
+against the exact K + 1 bucket loss from the full teacher, at the stage temperatures.
 
     python bench/bench_distill.py                 # print the tables
     python bench/bench_distill.py --write         # also update BENCHMARKS.md
@@ -44,7 +46,19 @@ from jobs import distill, score  # noqa: E402
 from pocl_ray import curriculum, models  # noqa: E402
 from pocl_ray.config import load_config  # noqa: E402
 from pocl_ray.data import TokenizedExample, collate  # noqa: E402
-from pocl_ray.train_step import TOPK_IDS, TOPK_LOGITS, loss_terms, run_curriculum, topk_targets  # noqa: E402
+from pocl_ray.losses import (  # noqa: E402
+    per_token_kd,
+    student_bucket_log_probs,
+    tail_log_partition,
+    topk_per_token_kd,
+)
+from pocl_ray.train_step import (  # noqa: E402
+    TOPK_CACHE,
+    loss_terms,
+    run_curriculum,
+    shifted,
+    topk_targets,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Distillation (Ray Train vs plain loop; teacher cache vs online)"
@@ -103,7 +117,7 @@ def table_examples(out: Path) -> tuple[list[TokenizedExample], list[int], list]:
         )
         for r in table.itertuples()
     ]
-    cache = [(np.stack(i), np.stack(v)) for i, v in zip(table[TOPK_IDS], table[TOPK_LOGITS])]
+    cache = [tuple(np.stack(x) for x in row) for row in zip(*(table[c] for c in TOPK_CACHE))]
     return examples, table["difficulty_rank"].tolist(), cache
 
 
@@ -117,12 +131,51 @@ def kd_gap(student, teacher, examples, cache, pad_id: int, cfg, tau: float) -> t
         batch = collate(examples[part], pad_id)
         knobs = dict(tau=tau, kd_ratio=1.0, alpha=cfg.loss.alpha, loss=cfg.loss)
         online = loss_terms(student, teacher, batch, **knobs)
-        cached = dict(batch)
-        cached[TOPK_IDS], cached[TOPK_LOGITS] = topk_targets(batch["labels"], cache[part])
+        cached = dict(batch, **topk_targets(batch["labels"], cache[part], cfg.scoring.cache_taus))
         from_cache = loss_terms(student, None, cached, **knobs)
         sums += [online.kd.item() * online.tokens, from_cache.kd.item() * online.tokens]
         count += online.tokens
     return tuple(sums / count)
+
+
+@torch.no_grad()
+def cache_fidelity(student, teacher, examples, cache, pad_id: int, cfg, tau: float) -> dict:
+    """At one τ, token means over every training row: the KD (fkl, x tau^2) from the table's
+    cache, the exact K + 1 bucket KD from the full teacher (float32 log-probs, exact tail), the
+    full-vocabulary KD, and |F_interp − F_exact| of the tail log-partition."""
+    taus = cfg.scoring.cache_taus
+    sums = np.zeros(4)
+    errors: list[torch.Tensor] = []
+    count = 0
+    for start in range(0, len(examples), 32):
+        part = slice(start, start + 32)
+        batch = collate(examples[part], pad_id)
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        s_logits, _, mask = shifted(student(**inputs).logits, batch["labels"])
+        s = s_logits[mask]
+        z = teacher(**inputs).logits[:, :-1][mask].float()
+        c = topk_targets(batch["labels"], cache[part], taus)
+        ids, logprobs, tail = (c[k][mask] for k in TOPK_CACHE)
+        knobs = dict(kind="fkl", temperature=tau)
+        from_cache = topk_per_token_kd(s, ids, logprobs, tail, taus, **knobs)
+        teacher_buckets = student_bucket_log_probs(z, ids, tau)  # exact, from the full logits
+        exact = per_token_kd(student_bucket_log_probs(s, ids, tau), teacher_buckets, kind="fkl")
+        full = per_token_kd(s, z, **knobs)
+        rest_mass = teacher_buckets[:, -1].exp().sum().item()
+        sums += [from_cache.sum().item(), exact.sum().item(), full.sum().item(), rest_mass]
+        rest = torch.log_softmax(z, -1).scatter(-1, ids, -torch.inf)
+        errors.append(tail_log_partition(tail, taus, tau) - torch.logsumexp(rest / tau, dim=-1))
+        count += int(mask.sum())
+    kd_cache, kd_exact, kd_full = sums[:3] / count * tau**2
+    err = torch.cat(errors).abs()
+    return {
+        "rest": sums[3] / count,
+        "cache": kd_cache,
+        "exact": kd_exact,
+        "full": kd_full,
+        "f_mean": err.mean().item(),
+        "f_max": err.max().item(),
+    }
 
 
 def ray_run(cfg, out: Path) -> dict:
@@ -215,10 +268,14 @@ def run(args) -> str:
         for name, m in weights.items()
         for tau in (1.0, 2.0)
     }
+    plan = curriculum.stage_table(cfg.curriculum, n=len(examples), batch_size=cfg.optim.batch_size)
+    fidelity = {
+        p.tau: cache_fidelity(student0, teacher, examples, cache, tok.pad_token_id, cfg, p.tau)
+        for p in plan
+    }
     ray.shutdown()
     load_after = os.getloadavg()
 
-    plan = curriculum.stage_table(cfg.curriculum, n=len(examples), batch_size=cfg.optim.batch_size)
     lines = [
         SECTION,
         "",
@@ -261,9 +318,43 @@ def run(args) -> str:
     ]
     for (name, tau), (on, ca) in gaps.items():
         lines.append(f"| {name} | {tau:g} | {on:.4f} | {ca:.4f} | {(ca - on) / on:+.1%} |")
-    fixed = online["startup"] + online["starts"]
     true_on = [gaps[("final student, online run", t)][0] for t in (1.0, 2.0)]
     true_ca = [gaps[("final student, cache run", t)][0] for t in (1.0, 2.0)]
+    lines += [
+        "",
+        "True KD (full vocabulary, against the online teacher, every training row) of the two "
+        "final students; target: the cache-trained one at most 5 % above the online-trained one:",
+        "",
+        "| tau | online-trained student | cache-trained student | cache vs online | target met |",
+        "|---|---|---|---|---|",
+    ]
+    for tau, on, ca in zip((1.0, 2.0), true_on, true_ca):
+        lines.append(
+            f"| {tau:g} | {on:.4f} | {ca:.4f} | {(ca - on) / on:+.1%} | "
+            f"{'yes' if ca <= 1.05 * on else 'no'} |"
+        )
+    grid = ", ".join(f"{t:g}" for t in cfg.scoring.cache_taus)
+    lines += [
+        "",
+        "Cache fidelity on the starting student at the stage temperatures, every training row "
+        f"(fkl, x tau^2; grid scoring.cache_taus = [{grid}]): the loss from the table (float16 "
+        "log-probs, the tail interpolated in 1/tau between grid points) against the exact K + 1 "
+        "bucket loss from the full teacher logits, and the error of the interpolated tail "
+        "log-partition F (0 on the grid):",
+        "",
+        "| tau | on grid | teacher mass outside top-K | KD from the table | exact bucket KD | "
+        "table vs exact | full-vocabulary KD | mean abs F error | max abs F error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tau, f in fidelity.items():
+        on_grid = any(abs(tau - t) < 1e-9 for t in cfg.scoring.cache_taus)
+        lines.append(
+            f"| {tau:.4g} | {'yes' if on_grid else 'no'} | {f['rest']:.1%} | {f['cache']:.5f} | "
+            f"{f['exact']:.5f} "
+            f"| {(f['cache'] - f['exact']) / f['exact']:+.3%} | {f['full']:.5f} | "
+            f"{f['f_mean']:.2e} | {f['f_max']:.2e} |"
+        )
+    fixed = online["startup"] + online["starts"]
     lines += [
         "",
         f"Reading: a steady Ray Train step costs {online['ms'] - plain['ms']:.0f} ms more than "
@@ -275,11 +366,12 @@ def run(args) -> str:
         "they shrink next to the work as models and data grow, and buy restartable, "
         "multi-worker runs. The cache skips the teacher's forward pass "
         f"({online['epoch_s'] / cached['epoch_s']:.1f}x faster epochs with a "
-        f"{n_teacher / n_student:.1f}x teacher) but K={args.topk} of {len(tok)} tokens is a "
-        "rough approximation: the cache-trained student's true KD (against the full teacher) "
-        f"is {true_ca[0]:.3f} / {true_ca[1]:.3f} at tau 1 / 2, against {true_on[0]:.3f} / "
-        f"{true_on[1]:.3f} for the online-trained one, because the top-K loss leaves the "
-        "student's mass outside the teacher's top-K free.",
+        f"{n_teacher / n_student:.1f}x teacher). With K={args.topk} of {len(tok)} tokens plus "
+        "the rest bucket, the cache-trained student's true KD (against the full teacher) is "
+        f"{true_ca[0]:.3f} / {true_ca[1]:.3f} at tau 1 / 2, against {true_on[0]:.3f} / "
+        f"{true_on[1]:.3f} for the online-trained one "
+        f"({(true_ca[0] - true_on[0]) / true_on[0]:+.1%} / "
+        f"{(true_ca[1] - true_on[1]) / true_on[1]:+.1%}). {cache_reading(gaps, fidelity)}",
         "",
         f"- `ray.init` (local, 4 logical CPUs): {ray_init_s:.1f} s, not included above. Start-up "
         "= from calling the job to the worker's first step: table checks, building the stage "
@@ -296,6 +388,27 @@ def run(args) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cache_reading(gaps: dict, fidelity: dict) -> str:
+    """Where the cache-trained student's remaining KD gap comes from, in numbers."""
+    storage = max(abs(f["cache"] - f["exact"]) / f["exact"] for f in fidelity.values())
+    f_err = max(f["f_max"] for f in fidelity.values())
+    tau = max(fidelity)
+    # fkl: full KD = bucket KD + (teacher rest mass) x KL inside the rest bucket
+    full_on, bucket_on = gaps[("final student, online run", tau)]
+    full_ca, bucket_ca = gaps[("final student, cache run", tau)]
+    return (
+        "The cache's own fidelity is not the limit: float16 log-probs and the interpolated tail "
+        f"move the loss by at most {storage:.2%} from the exact bucket loss (|F error| <= "
+        f"{f_err:.1e} nats). What K + 1 buckets cannot carry is how the teacher spreads its "
+        f"mass outside the top-K, {fidelity[tau]['rest']:.0%} of it at tau {tau:g} for this "
+        "tiny, flat teacher: at that tau the cache-trained student fits the buckets as well as "
+        f"the online one (bucket KD {bucket_ca:.4f} vs {bucket_on:.4f}) but not the inside of "
+        f"the rest bucket (full minus bucket KD {full_ca - bucket_ca:.4f} vs "
+        f"{full_on - bucket_on:.4f}), which the bucket loss does not train. A larger K shrinks "
+        "that bucket (docs/distill.md)."
+    )
 
 
 def write_section(text: str, path: Path) -> None:

@@ -107,7 +107,7 @@ def plain_loop(cfg, tok, table, scorer, teacher, threads: int) -> dict:
                 labels=list(r.labels),
                 prompt_length=r.prompt_length,
                 prompt_truncated=False,
-                response_truncated=False,
+                response_truncated=bool(r.response_truncated),
             )
             for r in batch.itertuples()
         ]
@@ -135,7 +135,13 @@ def ray_pool(cfg, table, paths, actors: int, warm_up: bool = False) -> dict:
 
     def timed(rows) -> float:
         ds = ray_data.scoring_dataset(rows, cfg.scoring.batch_size)
-        scored = ray_data.scored_dataset(ds, config=to_dict(cfg), paths=paths, scoring=cfg.scoring)
+        scored = ray_data.scored_dataset(
+            ds,
+            config=to_dict(cfg),
+            paths=paths,
+            scoring=cfg.scoring,
+            max_new_tokens=cfg.scoring.max_new_tokens,
+        )
         t0 = time.perf_counter()
         n = len(scored.to_pandas())
         assert n == len(rows), f"{n} rows scored for {len(rows)} in"

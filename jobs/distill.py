@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import score
-from pocl_ray import curriculum, difficulty
+from pocl_ray import curriculum, difficulty, models
 from pocl_ray.config import Config, ScalingConfig, save_resolved, to_dict
 from pocl_ray.data import split_train_eval, tokenize_records
 from pocl_ray.plain import get_teacher, load_task_records
@@ -309,6 +309,7 @@ def _run(cfg: Config, *, fault: dict[str, Any] | None) -> Path:
         "n": n,
         "num_buckets": len(difficulty.stage_sizes(n, cur.num_stages, cur.fractions)),
         "pad_id": tok.pad_token_id,
+        "eos_ids": list(models.eos_token_ids(None, tok)),
         "tokenizer": folders["tokenizer"],
         "teacher": folders["teacher"],
         "student_init": folders["student_init"],

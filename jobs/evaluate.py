@@ -54,13 +54,13 @@ from pocl_ray.config import (
     to_dict,
 )
 from pocl_ray.data import (
-    DataError,
     LoadResult,
     Record,
     load_records,
     split_train_eval,
     tokenize_record,
 )
+from pocl_ray.evaluation import new_token_budget
 from pocl_ray.plain import load_task_records
 
 log = logging.getLogger("pocl_ray.evaluate")
@@ -183,10 +183,10 @@ def tokenizer_path(cfg: Config, model_path: str, out: Path) -> str:
     )
 
 
-def prompt_budget(name: str, path: str, cfg: Config) -> int:
-    """Prompt tokens allowed for model `name`: data.max_prompt_length, lowered so that prompt
-    plus eval.max_new_tokens fits the model's positions (a longer prompt is cut inside its
-    fields by the core tokenizer, keeping the template)."""
+def answer_budget(name: str, path: str, cfg: Config) -> int:
+    """New tokens model `name` may generate: eval.max_new_tokens, clamped to the positions
+    left after the longest allowed prompt (`evaluation.new_token_budget`, the one rule every
+    generation follows), with one notice line when clamped."""
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -194,14 +194,21 @@ def prompt_budget(name: str, path: str, cfg: Config) -> int:
             f"model {name!r}: cannot read a model config from {path!r} (not a folder here "
             f"nor under run.output_dir, and not a loadable hub name): {e}"
         ) from e
-    positions = getattr(hf_cfg.get_text_config(), "max_position_embeddings", None)
-    budget = cfg.data.max_prompt_length
-    if positions is not None:
-        budget = min(budget, positions - cfg.eval.max_new_tokens)
-    if budget < 1:
-        raise EvalJobError(
-            f"model {name!r} has {positions} positions: no room for a prompt plus "
-            f"eval.max_new_tokens={cfg.eval.max_new_tokens}; lower eval.max_new_tokens"
+    positions = models.max_positions(hf_cfg)
+    try:
+        budget = new_token_budget(
+            cfg.eval.max_new_tokens,
+            positions=positions,
+            max_prompt_length=cfg.data.max_prompt_length,
+        )
+    except ValueError as e:
+        raise EvalJobError(f"model {name!r}: {e}") from e
+    if budget < cfg.eval.max_new_tokens:
+        print(
+            f"eval: model {name!r} has {positions} positions: answers limited to {budget} new "
+            f"tokens (eval.max_new_tokens={cfg.eval.max_new_tokens}, prompts up to "
+            f"data.max_prompt_length={cfg.data.max_prompt_length})",
+            flush=True,
         )
     return budget
 
@@ -209,47 +216,37 @@ def prompt_budget(name: str, path: str, cfg: Config) -> int:
 def prompt_columns(
     sets: Sequence[EvalSet], specs: dict[str, dict[str, Any]], cfg: Config
 ) -> dict[str, dict[int, tuple[list[int], bool]]]:
-    """Tokenise every prompt once per distinct (tokenizer, budget): column key ->
-    {id(record) -> (prompt ids, cut)}. Fills each spec's `ids` / `cut` column names.
+    """Tokenise every prompt once per distinct tokenizer (cut to data.max_prompt_length):
+    column key -> {id(record) -> (prompt ids, cut)}. Fills each spec's `ids` / `cut` column
+    names.
 
     Done on the driver so a prompt that cannot fit fails here with its file and line
     (core DataError), not inside an actor."""
     columns: dict[str, dict[int, tuple[list[int], bool]]] = {}
-    keys: dict[tuple[str, int], str] = {}
+    keys: dict[str, str] = {}
     load_cfg = ModelConfig(dtype=cfg.eval.dtype)
+    budget = cfg.data.max_prompt_length
     for spec in specs.values():
-        group = (spec["tokenizer"], spec["max_prompt_length"])
+        group = spec["tokenizer"]
         if group not in keys:
             key = f"t{len(keys)}"
             keys[group] = key
-            tok = models.load_tokenizer(TokenizerConfig(name_or_path=group[0]), load_cfg)
-            budget = group[1]
+            tok = models.load_tokenizer(TokenizerConfig(name_or_path=group), load_cfg)
             fitted = {}
             for s in sets:
                 for r in s.records:
-                    try:
-                        ex = tokenize_record(
-                            r, tok, max_prompt_length=budget, max_length=budget + 1
-                        )
-                    except DataError as e:
-                        if budget == cfg.data.max_prompt_length:
-                            raise
-                        raise EvalJobError(
-                            f"{e}; here the limit is {budget} tokens, not "
-                            f"data.max_prompt_length: the model's positions minus "
-                            f"eval.max_new_tokens={cfg.eval.max_new_tokens}; lower "
-                            "eval.max_new_tokens"
-                        ) from e
+                    ex = tokenize_record(r, tok, max_prompt_length=budget, max_length=budget + 1)
                     fitted[id(r)] = (ex.input_ids[: ex.prompt_length], ex.prompt_truncated)
             columns[key] = fitted
             n_cut = sum(cut for _, cut in fitted.values())
             if n_cut:
                 log.warning(
-                    "eval: %d of %d prompts cut to %d tokens for tokenizer %s",
+                    "eval: %d of %d prompts cut to data.max_prompt_length=%d tokens for "
+                    "tokenizer %s",
                     n_cut,
                     len(fitted),
                     budget,
-                    group[0],
+                    group,
                 )
         spec["ids"], spec["cut"] = f"ids_{keys[group]}", f"cut_{keys[group]}"
     return columns
@@ -360,12 +357,12 @@ def format_table(results: pd.DataFrame, ev: EvalConfig) -> str:
     widths = [max(len(row[i]) for row in [heads, *body]) for i in range(len(heads))]
     line = "  ".join
     if ev.decoding == "greedy":
-        how = f"greedy, {ev.max_new_tokens} new tokens"
+        how = f"greedy (one decoding pass: no spread), {ev.max_new_tokens} new tokens"
     else:
         how = (
             f"sampling T={ev.temperature:g} top-p={ev.top_p:g} top-k={ev.top_k}, "
             f"no-repeat-ngram {ev.no_repeat_ngram_size}, {ev.max_new_tokens} new tokens, "
-            f"seeds {','.join(map(str, ev.seeds))}"
+            f"{len(ev.seeds)} seeds ({','.join(map(str, ev.seeds))})"
         )
     text = [
         f"ROUGE-L F1 x100, mean ± sd over seeds (exact match %) — {how}",
@@ -433,8 +430,10 @@ def _ray_cfg(cfg: Config) -> Config:
 # ---------------------------------------------------------------- the job
 
 
-def main(cfg: Config, *, force: bool = False) -> Path:
+def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
     """Run the evaluation job; returns the `eval/` folder.
+
+    show_table: print the model x set table at the end (the pipeline prints its own).
 
     Raises:
         ResourceRequestError: the actors ask for CPUs/GPUs the cluster does not have.
@@ -449,12 +448,21 @@ def main(cfg: Config, *, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        return _run(cfg, out, eval_dir, tmp, force=force, t_start=t_start)
+        return _run(cfg, out, eval_dir, tmp, force=force, show_table=show_table, t_start=t_start)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_start: float):
+def _run(
+    cfg: Config,
+    out: Path,
+    eval_dir: Path,
+    tmp: Path,
+    *,
+    force: bool,
+    show_table: bool,
+    t_start: float,
+):
     ev = cfg.eval
     timings: dict[str, float] = {}
     # ---- inputs (no Ray yet): sets, models, tokenizers, prompt budgets
@@ -465,7 +473,7 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
         specs[name] = {
             "path": path,
             "tokenizer": tokenizer_path(cfg, path, out),
-            "max_prompt_length": prompt_budget(name, path, cfg),
+            "max_new_tokens": answer_budget(name, path, cfg),
         }
     key = {
         "config_hash": sha(json.dumps(hashed_config(cfg), sort_keys=True)),
@@ -478,7 +486,8 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
     reuse, why = _reuse_verdict(eval_dir, key)
     if reuse and not force:
         print(f"eval: reusing the existing results in {eval_dir} ({why}); --force re-evaluates")
-        print(format_table(read_results(out), ev))
+        if show_table:
+            print(format_table(read_results(out), ev))
         return eval_dir
     if eval_dir.exists():
         log.info("eval: %s; re-evaluating into %s", "--force given" if force else why, eval_dir)
@@ -521,7 +530,7 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
             ds,
             config=to_dict(cfg),  # the one place the config crosses into Ray workers
             model_specs={
-                n: {k: str(s[k]) for k in ("path", "tokenizer", "ids", "cut")}
+                n: {k: s[k] for k in ("path", "tokenizer", "ids", "cut", "max_new_tokens")}
                 for n, s in specs.items()
             },
             ev=ev,
@@ -568,7 +577,7 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "key": key,
         "models": {
-            n: {k: s[k] for k in ("path", "tokenizer", "max_prompt_length")}
+            n: {k: s[k] for k in ("path", "tokenizer", "max_new_tokens")}
             for n, s in specs.items()
         },
         "sets": {
@@ -616,7 +625,8 @@ def _run(cfg: Config, out: Path, eval_dir: Path, tmp: Path, *, force: bool, t_st
         f"eval: {len(g)} answers in {timings['generate_s']:.1f} s "
         f"({len(g) / timings['generate_s']:.1f}/s) -> {eval_dir}"
     )
-    print(format_table(results, ev))
+    if show_table:
+        print(format_table(results, ev))
     return eval_dir
 
 

@@ -1,9 +1,11 @@
 """`pocl-ray pipeline CONFIG [key=value ...]` and `pocl-ray demo [key=value ...]`: the whole
 pipeline on one Ray instance.
 
-    teacher SFT (jobs.sft) → score (jobs.score) → distil with the configured curriculum
-    (`pocl/`) → distil the plain-KD baseline at equal compute (`kd/`, curriculum.mode=none)
-    → evaluate teacher and both students (jobs.evaluate) → report (report/index.html)
+    teacher SFT (jobs.sft; skipped for a pretrained teacher) → score (jobs.score) → distil
+    with the configured curriculum (`pocl/`), the plain-KD control (`kd/`, curriculum.mode
+    none) and the SFT control (`sft/`, mode none with λ = 0), all at equal compute from the
+    same starting student → evaluate the teacher and the three students (jobs.evaluate) →
+    report (report/index.html)
 
 Every step reuses its output when it is already there, so re-running is fast. Each distillation
 writes its outputs (student/, metrics.jsonl, stages.json, summary.json, tensorboard/) into
@@ -26,7 +28,14 @@ from jobs import distill, evaluate, score, sft
 from pocl_ray import difficulty, report
 from pocl_ray.config import Config, save_resolved
 
-RUNS = {"pocl": "POCL student", "kd": "KD student (no curriculum)"}
+RUNS = {
+    "pocl": "POCL student",
+    "kd": "KD student (no curriculum)",
+    "sft": "SFT student (no teacher)",
+}
+"""The pipeline's distillation runs: the configured curriculum, and at equal compute from the
+same starting student the plain-KD control (curriculum mode none) and the SFT control (mode
+none with λ = 0: cross-entropy only, the teacher never loaded)."""
 DISTILL_OUTPUTS = ("student", "metrics.jsonl", "stages.json", "summary.json", "events.jsonl",
                    "tensorboard")  # fmt: skip
 
@@ -37,15 +46,30 @@ def _with(cfg: Config, section: str, **changes) -> Config:
     )
 
 
-def distil_into(cfg: Config, name: str, mode: str) -> Path:
-    """Run jobs.distill with curriculum `mode` and move its outputs into run.output_dir/name."""
+def run_config(cfg: Config, name: str) -> Config:
+    """The config of pipeline run `name` (see RUNS)."""
+    cur = {
+        "pocl": {},
+        "kd": {"mode": "none"},
+        "sft": {"mode": "none", "kd_ratio_start": 0.0, "kd_ratio_end": 0.0},
+    }[name]
+    return _with(_with(cfg, "curriculum", **cur), "run", name=f"{cfg.run.name}-{name}")
+
+
+def distil_into(cfg: Config, name: str) -> Path:
+    """Run jobs.distill for pipeline run `name` and move its outputs into run.output_dir/name."""
     out = Path(cfg.run.output_dir)
     dest = out / name
     if (dest / "student" / "config.json").exists():
         print(f"pipeline: {name}: reusing {dest / 'student'}", flush=True)
         return dest
-    run_cfg = _with(_with(cfg, "curriculum", mode=mode), "run", name=f"{cfg.run.name}-{name}")
-    print(f"pipeline: {name}: distilling (curriculum.mode={mode})", flush=True)
+    run_cfg = run_config(cfg, name)
+    cur = run_cfg.curriculum
+    print(
+        f"pipeline: {name}: distilling (curriculum.mode={cur.mode}, "
+        f"lambda {cur.kd_ratio_start:g}->{cur.kd_ratio_end:g})",
+        flush=True,
+    )
     distill.main(run_cfg)
     dest.mkdir(parents=True, exist_ok=True)
     for item in DISTILL_OUTPUTS:
@@ -84,10 +108,11 @@ def main(cfg: Config) -> Path:
         if cfg.teacher.name_or_path is None:
             sft.main(cfg, target="teacher")
         score.main(cfg)
-        for name, mode in (("pocl", cfg.curriculum.mode), ("kd", "none")):
-            distil_into(cfg, name, mode)
-        models = [f"teacher={out / 'teacher'}"] + [f"{n}={out / n / 'student'}" for n in RUNS]
-        evaluate.main(_with(cfg, "eval", models=models))
+        for name in RUNS:
+            distil_into(cfg, name)
+        teacher = cfg.teacher.name_or_path or str(out / "teacher")
+        models = [f"teacher={teacher}"] + [f"{n}={out / n / 'student'}" for n in RUNS]
+        evaluate.main(_with(cfg, "eval", models=models), show_table=False)
     finally:
         if started:
             import ray
@@ -96,6 +121,10 @@ def main(cfg: Config) -> Path:
     index = build_report(cfg)
     results = evaluate.read_results(out)
     print("\n" + evaluate.format_table(results, cfg.eval))
+    print(
+        "one training run per student: the gaps between pocl, kd and sft above are single "
+        "runs, not a comparison (training-seed noise is not measured here)"
+    )
     summary = {n: json.loads((out / n / "summary.json").read_text()) for n in RUNS}
     steps = ", ".join(f"{n} {s['steps']} steps" for n, s in summary.items())
     print(f"\npipeline: done in {time.perf_counter() - t0:.0f} s ({steps})")

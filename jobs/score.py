@@ -36,6 +36,7 @@ from pocl_ray import difficulty, models
 from pocl_ray.config import Config, ScoringConfig, save_resolved, to_dict
 from pocl_ray.data import IGNORE_INDEX, LoadResult, Record, TokenizedExample, split_train_eval
 from pocl_ray.data import tokenize_records as core_tokenize
+from pocl_ray.evaluation import new_token_budget
 from pocl_ray.plain import (
     get_teacher,
     get_tokenizer,
@@ -46,7 +47,8 @@ from pocl_ray.plain import (
 
 log = logging.getLogger("pocl_ray.score")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the top-K cache holds T = 1 log-probabilities and the tail log-partitions (1: logits)."""
 TABLE_DIR = "table"
 TABLE_FILE = "part-00000.parquet"
 EXECUTION_KEYS = ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor")
@@ -129,16 +131,18 @@ def sha(text: str) -> str:
 def hashed_config(cfg: Config) -> dict[str, Any]:
     """The parts of the config that can change the scores table.
 
-    Left out: data.source (the data fingerprint identifies the content), sft (it only shapes
-    the teacher, which the model id identifies), the execution keys of `scoring`, and every
-    later stage (loss, optim, eval, tune, ...).
+    Left out: data.source (the data fingerprint identifies the content), sft and the models'
+    dropout (they only shape the teacher and the starting student, which their model ids
+    identify), the execution keys of `scoring`, and every later stage (loss, optim, eval, ...).
     """
     d = to_dict(cfg)
     return {
         "data": {k: v for k, v in d["data"].items() if k != "source"},
         "tokenizer": d["tokenizer"],
-        "teacher": d["teacher"],
-        "student": d["student"],
+        # dropout is a training knob (scoring runs in eval mode); a changed value that shapes
+        # the starting student changes its content id instead
+        "teacher": {k: v for k, v in d["teacher"].items() if k != "dropout"},
+        "student": {k: v for k, v in d["student"].items() if k != "dropout"},
         "scoring": {k: v for k, v in d["scoring"].items() if k not in EXECUTION_KEYS},
         "stages": {
             "num_stages": cfg.curriculum.num_stages,
@@ -255,6 +259,32 @@ def model_paths(cfg: Config, tok, train_ex, out: Path, fingerprint: str) -> dict
     }
 
 
+def answer_budget(cfg: Config, scorer: str) -> int:
+    """New tokens of the ROUGE signal's answers: scoring.max_new_tokens clamped to the
+    scorer's positions left after the longest allowed prompt (`evaluation.new_token_budget`,
+    the rule of every generation), with one notice line when clamped."""
+    sig = cfg.scoring
+    if "rouge" not in sig.signals:
+        return sig.max_new_tokens
+    remote = (cfg.teacher if sig.scorer == "teacher" else cfg.student).trust_remote_code
+    hf_cfg = transformers.AutoConfig.from_pretrained(scorer, trust_remote_code=remote)
+    positions = models.max_positions(hf_cfg)
+    try:
+        budget = new_token_budget(
+            sig.max_new_tokens, positions=positions, max_prompt_length=cfg.data.max_prompt_length
+        )
+    except ValueError as e:
+        raise ScoreJobError(f"scoring: the scorer {scorer}: {e}") from e
+    if budget < sig.max_new_tokens:
+        print(
+            f"scores: scoring.max_new_tokens={sig.max_new_tokens} clamped to {budget}: the "
+            f"scorer has {positions} positions and prompts may be data.max_prompt_length="
+            f"{cfg.data.max_prompt_length} tokens",
+            flush=True,
+        )
+    return budget
+
+
 # ---------------------------------------------------------------- accounting and the table
 
 
@@ -318,8 +348,11 @@ def build_table(
     return table.sort_values("difficulty_rank").reset_index(drop=True)
 
 
-def to_arrow(table: pd.DataFrame, signals: Sequence[str], topk: int) -> pa.Table:
-    """The scores table with explicit types (int32 token ids, fp16 top-K logits)."""
+def to_arrow(
+    table: pd.DataFrame, signals: Sequence[str], topk: int, cache_taus: Sequence[float] = ()
+) -> pa.Table:
+    """The scores table with explicit types (int32 token ids; the top-K cache as int32 ids,
+    float16 log-probs and float32 tail log-partitions, one fixed-size list per token)."""
     cols: dict[str, pa.Array] = {
         "sample_id": pa.array(table["sample_id"].tolist(), pa.string()),
         "difficulty_rank": pa.array(table["difficulty_rank"].to_numpy(), pa.int64()),
@@ -338,13 +371,16 @@ def to_arrow(table: pd.DataFrame, signals: Sequence[str], topk: int) -> pa.Table
     cols["labels"] = pa.array(table["labels"].tolist(), pa.list_(pa.int32()))
     cols["references"] = pa.array(table["references"].tolist(), pa.list_(pa.string()))
     if topk > 0:
-        from pocl_ray.ray_data import TOPK_IDS, TOPK_LOGITS, decode_topk
+        from pocl_ray.ray_data import decode_topk
+        from pocl_ray.train_step import TOPK_CACHE
 
-        pairs = [decode_topk(i, v, topk) for i, v in zip(table[TOPK_IDS], table[TOPK_LOGITS])]
-        offsets = np.concatenate([[0], np.cumsum([len(i) for i, _ in pairs])]).astype(np.int32)
-        for name, part, typ in ((TOPK_IDS, 0, pa.int32()), (TOPK_LOGITS, 1, pa.float16())):
-            flat = np.concatenate([p[part].reshape(-1) for p in pairs])
-            values = pa.FixedSizeListArray.from_arrays(pa.array(flat, typ), topk)
+        j = len(cache_taus)
+        rows = [decode_topk(*parts, topk, j) for parts in zip(*(table[c] for c in TOPK_CACHE))]
+        offsets = np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])]).astype(np.int32)
+        types = (pa.int32(), pa.float16(), pa.float32())
+        for part, (name, typ, width) in enumerate(zip(TOPK_CACHE, types, (topk, topk, j))):
+            flat = np.concatenate([r[part].reshape(-1) for r in rows])
+            values = pa.FixedSizeListArray.from_arrays(pa.array(flat, typ), width)
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets), values)
     return pa.table(cols)
 
@@ -538,6 +574,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         config=to_dict(cfg),  # the one place the config crosses into Ray workers
         paths={k: paths[k] for k in ("tokenizer", "scorer", "teacher")},
         scoring=sig,
+        max_new_tokens=answer_budget(cfg, str(paths["scorer"])),
         fault=fault,
     )
     timings["scoring_s"] = time.perf_counter() - t0
@@ -563,7 +600,8 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
     tmp = out / f".scores.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / TABLE_DIR).mkdir(parents=True)
-    pq.write_table(to_arrow(table, sig.signals, sig.teacher_topk), tmp / TABLE_DIR / TABLE_FILE)
+    arrow = to_arrow(table, sig.signals, sig.teacher_topk, sig.cache_taus)
+    pq.write_table(arrow, tmp / TABLE_DIR / TABLE_FILE)
     timings["fuse_write_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     manifest = {
@@ -575,6 +613,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         "fusion_k": sig.fusion_k,
         "scorer": sig.scorer,
         "teacher_topk": sig.teacher_topk,
+        "cache_taus": list(sig.cache_taus) if sig.teacher_topk > 0 else None,
         "stage_sizes": difficulty.stage_sizes(
             len(table), cfg.curriculum.num_stages, cfg.curriculum.fractions
         ),

@@ -99,9 +99,14 @@ class ModelConfig:
     """MLP width (default 4 x hidden_size)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
+    dropout: float | None = None
+    """Dropout probability while training (attention, residual, embedding); null = the
+    model's own (a pretrained GPT-2 has 0.1), 0.0 for a tiny model built from config."""
 
     def problems(self, prefix: str) -> list[str]:
         out = []
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            out.append(f"{prefix}.dropout: got {self.dropout}; allowed 0 <= x < 1, or null")
         for name in ("hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 out.append(f"{prefix}.{name}: got {getattr(self, name)}; must be >= 1")
@@ -152,7 +157,12 @@ class ScoringConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     teacher_topk: int = 0
-    """Store the teacher's top-K logits per response token (0 = off)."""
+    """Store the teacher's top-K log-probabilities per response token (0 = off)."""
+    cache_taus: list[float] = field(
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0]
+    )
+    """Temperatures at which the top-K cache stores the teacher's tail log-partition (positive,
+    increasing); a cached-teacher KD at τ between grid points interpolates (docs/distill.md)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -172,6 +182,12 @@ class ScoringConfig:
             out.append("scoring.cpus_per_actor / gpus_per_actor: must be >= 0")
         if self.teacher_topk < 0:
             out.append(f"scoring.teacher_topk: got {self.teacher_topk}; must be >= 0")
+        taus = self.cache_taus
+        if not taus or any(t <= 0 for t in taus) or any(a >= b for a, b in zip(taus, taus[1:])):
+            out.append(
+                f"scoring.cache_taus: got {taus}; give one or more positive temperatures in "
+                "increasing order, e.g. [0.5, 1.0, 1.5, 2.0, 3.0]"
+            )
         return out
 
 
@@ -495,6 +511,12 @@ class Config:
                 f"curriculum.alphas: set, but loss.kind is {self.loss.kind!r}; "
                 "alphas only apply to skl / srkl"
             )
+        if self.scoring.scorer == "teacher" and "kd_gap" in self.scoring.signals:
+            out.append(
+                "scoring.signals: kd_gap with scoring.scorer 'teacher' compares the teacher "
+                "with itself (always 0, so it ranks nothing); drop kd_gap or score with the "
+                "student (scoring.scorer=student)"
+            )
         if self.loss.teacher_source == "cache":
             if self.scoring.teacher_topk == 0:
                 out.append(
@@ -506,6 +528,16 @@ class Config:
                     f"loss.on_policy_ratio: got {self.loss.on_policy_ratio} with "
                     "loss.teacher_source 'cache'; the cache only covers the reference "
                     "responses, so on-policy KD needs loss.teacher_source=online"
+                )
+            cur, grid = self.curriculum, self.scoring.cache_taus
+            taus = cur.taus if cur.taus is not None else [cur.tau_min, cur.tau_max]
+            if grid and any(not min(grid) <= t <= max(grid) for t in taus):
+                field_name = "curriculum.taus" if cur.taus is not None else "curriculum.tau_min/max"
+                out.append(
+                    f"{field_name}: stage temperatures {taus} leave the cached grid "
+                    f"scoring.cache_taus=[{min(grid)} .. {max(grid)}] (loss.teacher_source "
+                    "'cache' reads the teacher's tail at each stage τ from that grid); widen "
+                    "scoring.cache_taus to cover them and rescore, or narrow the temperatures"
                 )
         return out
 

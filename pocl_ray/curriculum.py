@@ -78,8 +78,9 @@ def stage_table(
     only in which samples fill each subset (`stage_order`).
 
     Mode `none` is the compute-matched plain-KD control (pocl-method.md section 9): one stage
-    over all n samples at τ = tau_min and λ = kd_ratio_end (1.0 in the paper: pure KD, like the
-    paper's KD baselines) and α = loss_alpha, with the curriculum's total sample visits:
+    over all n samples at the curriculum's first temperature (taus[0], else tau_min) and
+    λ = kd_ratio_end (1.0 in the paper: pure KD, like the paper's KD baselines) and its first
+    α (alphas[0], else loss_alpha), with the curriculum's total sample visits:
     - unit epochs: round(interval · Σ_s size_s / n) epochs, halves rounded up (paper: 8 · 2.5 =
       20; the sizes are floors of f_s · n, so the exact value is 19.997 and must round);
     - unit steps: the curriculum's total steps, num_stages · interval.
@@ -133,9 +134,9 @@ def _plain_stage(
         size=n,
         epochs=epochs,
         steps=steps,
-        tau=cur.tau_min,
+        tau=cur.taus[0] if cur.taus else cur.tau_min,
         kd_ratio=cur.kd_ratio_end,
-        alpha=loss_alpha,
+        alpha=cur.alphas[0] if cur.alphas else loss_alpha,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
     )

@@ -19,6 +19,7 @@ This module never imports `ray`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -624,6 +625,18 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@functools.lru_cache(maxsize=8)
+def bos_prefix(tokenizer: Any) -> tuple[int, ...]:
+    """(bos_token_id,) when the tokenizer puts BOS before a text by default (Llama-family:
+    the model was trained with it), else (). Prompts get it in front, so training, scoring
+    and evaluation all show the model what it expects; GPT-2-style tokenizers add nothing."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if bos is not None and with_special[:1] == [bos] and _encode(tokenizer, "a")[:1] != [bos]:
+        return (bos,)
+    return ()
+
+
 def _decode(tokenizer: Any, ids: list[int]) -> str:
     text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     # a cut inside a multi-byte character decodes to U+FFFD; keep no half characters
@@ -664,7 +677,8 @@ def _fit_prompt(record: Record, tokenizer: Any, max_prompt_length: int) -> tuple
 def tokenize_record(
     record: Record, tokenizer: Any, *, max_prompt_length: int, max_length: int
 ) -> TokenizedExample:
-    """Prompt ids (cut to fit max_prompt_length, see `_fit_prompt`) + response ids + EOS.
+    """[BOS where the model expects one, `bos_prefix`] + prompt ids (cut to fit
+    max_prompt_length, see `_fit_prompt`) + response ids + EOS.
 
     The response (references[0]) plus EOS is cut to max_length - prompt_length tokens; when it
     is cut the EOS goes with it, so the model is never taught to stop mid-answer.
@@ -674,7 +688,9 @@ def tokenize_record(
         raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one before tokenising")
-    prompt_ids, prompt_cut = _fit_prompt(record, tokenizer, max_prompt_length)
+    bos = list(bos_prefix(tokenizer))
+    prompt_ids, prompt_cut = _fit_prompt(record, tokenizer, max_prompt_length - len(bos))
+    prompt_ids = bos + prompt_ids
     response = _encode(tokenizer, record.references[0]) + [tokenizer.eos_token_id]
     budget = max_length - len(prompt_ids)
     response_cut = len(response) > budget

@@ -5,6 +5,7 @@ ROUGE-L F1 x 100 with rouge-score (Porter stemming), max over references; plus e
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -12,6 +13,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from pocl_ray.data import prompt_batch
+from pocl_ray.models import eos_token_ids
 
 
 @lru_cache(maxsize=1)
@@ -25,14 +27,45 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def normalise_answer(text: str) -> str:
+    """The answer normalisation of S-NI's exact match (SQuAD's): lower case, punctuation
+    removed, the articles a / an / the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
-    """100 when the prediction equals any reference after whitespace/case normalisation."""
-    pred = _normalise(prediction)
-    return 100.0 if any(pred == _normalise(r) for r in references) else 0.0
+    """100 when the prediction equals any reference after `normalise_answer`, else 0."""
+    pred = normalise_answer(prediction)
+    return 100.0 if any(pred == normalise_answer(r) for r in references) else 0.0
+
+
+def new_token_budget(max_new_tokens: int, *, positions: int | None, max_prompt_length: int) -> int:
+    """New tokens one generation may add: `max_new_tokens`, clamped so that the longest
+    allowed prompt plus the answer fits in `positions` (None = no limit).
+
+    The one rule for every place the project generates (scoring's ROUGE answers, on-policy
+    samples, evaluation): prompts are cut to data.max_prompt_length by the tokenizer, answers
+    to what is left. It depends only on the settings, never on a batch's prompts, so an
+    answer does not depend on which rows share its batch.
+
+    Raises:
+        ValueError: no room is left for even one new token.
+    """
+    if positions is None:
+        return max_new_tokens
+    room = positions - max_prompt_length
+    if room < 1:
+        raise ValueError(
+            f"the model has {positions} positions and prompts may be "
+            f"data.max_prompt_length={max_prompt_length} tokens: no room for an answer; lower "
+            "data.max_prompt_length"
+        )
+    return min(max_new_tokens, room)
 
 
 @torch.no_grad()
@@ -59,6 +92,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    eos_ids = list(eos_token_ids(model, tokenizer)) or None
     torch.manual_seed(seed)
     out: list[str] = []
     for start in range(0, len(prompts_ids), batch_size):
@@ -72,7 +106,7 @@ def generate(
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             no_repeat_ngram_size=no_repeat_ngram_size,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos_ids,
             pad_token_id=tokenizer.pad_token_id,
             **kwargs,
         )

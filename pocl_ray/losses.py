@@ -9,7 +9,7 @@ Conventions shared by every function here:
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -139,6 +139,20 @@ def _masked_rows(
     return student_logits[mask], teacher_logits[mask]
 
 
+def _chunked_sum(
+    fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], chunk_size: int | None
+) -> torch.Tensor:
+    """fn(*tensors), or the sum of fn over chunks of `chunk_size` rows, each chunk under
+    activation checkpointing (O(chunk_size × V) float32 temporaries in forward and backward)."""
+    if chunk_size is None:
+        return fn(*tensors)
+    # preserve_rng_state=False: nothing inside is random, so skip saving RNG state.
+    parts = zip(*(t.split(chunk_size) for t in tensors), strict=True)
+    return sum(
+        checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False) for part in parts
+    )
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -180,22 +194,149 @@ def kd_loss(
         kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
         return per_token_kd(s, t, **kwargs).sum()
 
-    if chunk_size is None:
-        total = chunk_sum(student, teacher)
-    else:
-        # preserve_rng_state=False: nothing inside is random, so skip saving RNG state.
-        total = sum(
-            checkpoint(chunk_sum, s, t, use_reentrant=False, preserve_rng_state=False)
-            for s, t in zip(student.split(chunk_size), teacher.split(chunk_size), strict=True)
-        )
+    total = _chunked_sum(chunk_sum, (student, teacher), chunk_size)
     scale = temperature**2 if scale_by_tau_sq else 1.0
     return total * (scale / num_tokens)
+
+
+# ---------------------------------------------------------------- teacher known on its top-K
+
+
+def _check_cache_taus(cache_taus: Sequence[float], temperature: float) -> list[float]:
+    taus = [float(t) for t in cache_taus]
+    if not taus or any(t <= 0 for t in taus) or any(a >= b for a, b in zip(taus, taus[1:])):
+        raise ValueError(f"cache_taus={taus} must be positive and strictly increasing")
+    inside = taus[0] <= temperature <= taus[-1]
+    if not (inside or _on_grid(taus[0], temperature) or _on_grid(taus[-1], temperature)):
+        raise ValueError(
+            f"temperature={temperature} is outside the cached grid [{taus[0]}, {taus[-1]}]; "
+            "rescore with scoring.cache_taus covering every stage temperature"
+        )
+    return taus
+
+
+def _on_grid(grid_tau: float, temperature: float) -> bool:
+    # a stage τ computed as tau_min + (tau_max − tau_min)·s/(S−1) may differ from the grid
+    # value in its last bits; that close, the exact column is the right one
+    return math.isclose(grid_tau, temperature, rel_tol=1e-6)
+
+
+def tail_log_partition(
+    tail_logz: torch.Tensor, cache_taus: Sequence[float], temperature: float
+) -> torch.Tensor:
+    """F(β) = log Σ_{i ∉ top-K} exp(β · log p_i) at β = 1/temperature, from the cached grid.
+
+    Args:
+        tail_logz: (..., J) F at β_j = 1 / cache_taus[j] (the scoring job's cache).
+        cache_taus: the J grid temperatures, positive and increasing.
+        temperature: τ, within [cache_taus[0], cache_taus[-1]].
+
+    Returns:
+        (...) float32: the grid column when τ is on the grid, else linear interpolation in β
+        between the two neighbouring grid points. F is convex in β, so the chord lies above
+        it: the interpolated value over-estimates F by at most (Δβ)²/8 · max Var(log p_i)
+        over the tilted tail distributions between the two points (docs/distill.md).
+        -inf (an empty tail) stays -inf.
+    """
+    taus = _check_cache_taus(cache_taus, temperature)
+    if tail_logz.shape[-1] != len(taus):
+        raise ValueError(
+            f"the cached tail has {tail_logz.shape[-1]} temperatures, cache_taus {len(taus)}"
+        )
+    tail = tail_logz.float()
+    for j, t in enumerate(taus):
+        if _on_grid(t, temperature):
+            return tail[..., j]
+    hi = next(j for j, t in enumerate(taus) if t > temperature)  # taus[hi-1] < τ < taus[hi]
+    beta, beta_lo, beta_hi = 1.0 / temperature, 1.0 / taus[hi], 1.0 / taus[hi - 1]
+    w = (beta - beta_lo) / (beta_hi - beta_lo)  # weight of column hi-1, strictly in (0, 1)
+    # both weights > 0, so an empty tail (-inf in every column) gives -inf, never 0 · inf
+    return w * tail[..., hi - 1] + (1.0 - w) * tail[..., hi]
+
+
+def cached_teacher_log_probs(
+    topk_logprobs: torch.Tensor,
+    tail_logz: torch.Tensor,
+    cache_taus: Sequence[float],
+    temperature: float,
+) -> torch.Tensor:
+    """The teacher's log-probabilities at τ over K + 1 buckets: its top-K tokens, then the rest.
+
+    Args:
+        topk_logprobs: (..., K) the teacher's T = 1 log-probabilities log p_k at its top-K ids.
+        tail_logz: (..., J) the cached tail log-partitions (`tail_log_partition`).
+        cache_taus, temperature: as in `tail_log_partition`.
+
+    Returns:
+        (..., K + 1) float32: a_k − log Z and F − log Z, with a_k = log p_k / τ, F the tail
+        log-partition at β = 1/τ and log Z = logaddexp(logsumexp_k a_k, F): exactly
+        log softmax(z / τ) at the top-K ids and the log of its remaining mass, up to the
+        storage precision and the interpolation of F. An empty tail gives -inf in the last bucket.
+    """
+    a = topk_logprobs.float() / temperature
+    f = tail_log_partition(tail_logz, cache_taus, temperature)
+    log_z = torch.logaddexp(torch.logsumexp(a, dim=-1), f)
+    return torch.cat([a - log_z[..., None], (f - log_z)[..., None]], dim=-1)
+
+
+def student_bucket_log_probs(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The student's log-probabilities at τ over the teacher's K + 1 buckets.
+
+    Args:
+        student_logits: (..., V) student logits.
+        topk_ids: (..., K) long, the teacher's top-K ids (distinct per position).
+
+    Returns:
+        (..., K + 1) float32: log softmax(z_S / τ) over the full vocabulary gathered at the
+        ids, then the log of the student's mass on every other token (logsumexp over the
+        exact complement; -inf, with zero gradient, when the ids cover the vocabulary).
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    head = log_q.gather(-1, topk_ids)
+    rest = log_q.scatter(-1, topk_ids, -math.inf)
+    # logsumexp by hand: torch's backward gives NaN (exp(-inf - -inf)) for an all -inf row,
+    # which the ids covering the vocabulary produce; here every path stays finite
+    shift = rest.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+    total = (rest - shift).exp().sum(dim=-1)
+    log_rest = torch.where(
+        total > 0, total.clamp(min=torch.finfo(total.dtype).tiny).log(), -math.inf
+    )
+    return torch.cat([head, (log_rest + shift.squeeze(-1))[..., None]], dim=-1)
+
+
+def topk_per_token_kd(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logz: torch.Tensor,
+    cache_taus: Sequence[float],
+    *,
+    kind: KDKind,
+    temperature: float = 1.0,
+    alpha: float = 0.1,
+    beta: float = 0.9,
+) -> torch.Tensor:
+    """Unreduced KD per position over the K + 1 buckets (top-K + rest), without τ².
+
+    Shapes as in `topk_kd_loss` without the mask; returns (...) float32. The divergence is
+    `per_token_kd` of the two bucket distributions at temperature 1 (both are already
+    normalised log-probabilities at τ, so its log_softmax changes nothing).
+    """
+    _check_kd_args(kind, temperature, alpha, beta)
+    student = student_bucket_log_probs(student_logits, topk_ids, temperature)
+    teacher = cached_teacher_log_probs(topk_logprobs, tail_logz, cache_taus, temperature)
+    return per_token_kd(student, teacher, kind=kind, temperature=1.0, alpha=alpha, beta=beta)
 
 
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
-    teacher_topk_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_tail_logz: torch.Tensor,
+    cache_taus: Sequence[float],
     mask: torch.Tensor,
     *,
     kind: KDKind,
@@ -203,40 +344,53 @@ def topk_kd_loss(
     scale_by_tau_sq: bool = True,
     alpha: float = 0.1,
     beta: float = 0.9,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """KD loss when the teacher is known only on its top-K tokens (e.g. cached at scoring time).
+    """KD loss when the teacher is known through its cached top-K (docs/distill.md).
 
     Args:
         student_logits: (..., V) student logits.
         teacher_topk_ids: (..., K) long, the teacher's top-K token ids per position.
-        teacher_topk_logits: (..., K) the teacher's logits at those ids.
+        teacher_topk_logprobs: (..., K) the teacher's T = 1 log-probabilities at those ids.
+        teacher_tail_logz: (..., J) log Σ_{i ∉ top-K} exp(log p_i / τ_j) per grid temperature.
+        cache_taus: the J grid temperatures τ_j (scoring.cache_taus), increasing.
         mask: (...) bool, True at response tokens.
-        kind, temperature, scale_by_tau_sq, alpha, beta: as in `kd_loss`.
+        kind, temperature, scale_by_tau_sq, alpha, beta, chunk_size: as in `kd_loss`;
+            temperature must lie within the grid.
 
     Returns:
         () float32 scalar, reduced as in `kd_loss`.
 
-    Approximation: both distributions are restricted to the teacher's top-K support and
-    renormalised there (softmax over the K gathered logits at temperature τ). Student mass
-    outside the support is ignored, so the loss neither rewards nor penalises it; with K = V
-    this is exactly `kd_loss`, and for small K it is closest for peaked teachers.
+    The divergence is taken over K + 1 buckets: the teacher's top-K tokens and one "rest"
+    bucket holding all other tokens, for both models (`student_bucket_log_probs`,
+    `cached_teacher_log_probs`). The student's mass outside the teacher's top-K is therefore
+    seen and penalised where the teacher has little; what is lost is only how each model
+    spreads its mass inside the rest. With K = V it is exactly `kd_loss`.
     """
-    if teacher_topk_ids.shape != teacher_topk_logits.shape:
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
         raise ValueError(
-            f"top-k ids {tuple(teacher_topk_ids.shape)} and logits "
-            f"{tuple(teacher_topk_logits.shape)} differ in shape"
+            f"top-k ids {tuple(teacher_topk_ids.shape)} and log-probs "
+            f"{tuple(teacher_topk_logprobs.shape)} differ in shape"
         )
-    student_on_support = student_logits.gather(-1, teacher_topk_ids)
-    return kd_loss(
-        student_on_support,
-        teacher_topk_logits,
-        mask,
-        kind=kind,
-        temperature=temperature,
-        scale_by_tau_sq=scale_by_tau_sq,
-        alpha=alpha,
-        beta=beta,
-    )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 or None")
+    _check_kd_args(kind, temperature, alpha, beta)
+    taus = _check_cache_taus(cache_taus, temperature)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    student = student_logits[mask]
+    cache = (teacher_topk_ids[mask], teacher_topk_logprobs[mask], teacher_tail_logz[mask])
+    num_tokens = student.shape[0]
+    if num_tokens == 0:
+        return student.float().sum() * 0.0  # exact 0, still attached (see kd_loss)
+
+    def chunk_sum(s, ids, logprobs, tail):
+        kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
+        return topk_per_token_kd(s, ids, logprobs, tail, taus, **kwargs).sum()
+
+    total = _chunked_sum(chunk_sum, (student, *cache), chunk_size)
+    scale = temperature**2 if scale_by_tau_sq else 1.0
+    return total * (scale / num_tokens)
 
 
 def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -76,6 +77,7 @@ def build_tiny(
     """A randomly initialised causal LM of the configured sizes (no download), with the
     tokenizer's vocabulary and special token ids."""
     inter = cfg.intermediate_size or 4 * cfg.hidden_size
+    dropout = cfg.dropout or 0.0
     ids = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -90,9 +92,9 @@ def build_tiny(
             n_layer=cfg.num_layers,
             n_head=cfg.num_heads,
             n_inner=inter,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
         )
     else:
         hf_cfg = LlamaConfig(
@@ -103,6 +105,7 @@ def build_tiny(
             num_attention_heads=cfg.num_heads,
             num_key_value_heads=cfg.num_heads,
             intermediate_size=inter,
+            attention_dropout=dropout,
         )
     model = AutoModelForCausalLM.from_config(hf_cfg)
     set_special_tokens(model, tokenizer)
@@ -117,14 +120,54 @@ def set_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
         conf.bos_token_id = tokenizer.bos_token_id
 
 
+DROPOUT_KEYS = (
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",  # GPT-2
+    "attention_dropout", "hidden_dropout", "dropout", "activation_dropout",  # Llama, OPT, ...
+)  # fmt: skip
+"""Config fields that hold a dropout probability, across the supported families."""
+
+
 def load_pretrained(path: str | Path, cfg: ModelConfig) -> PreTrainedModel:
-    """Load a causal LM from a local folder or hub name, safetensors only."""
+    """Load a causal LM from a local folder or hub name, safetensors only.
+
+    transformers returns it in eval mode: a caller that trains it must call `.train()`.
+    With `cfg.dropout` set, every dropout field of its config is overridden.
+    """
+    kwargs = {}
+    if cfg.dropout is not None:
+        hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(hf_cfg, key, None), float):
+                setattr(hf_cfg, key, cfg.dropout)
+        kwargs["config"] = hf_cfg
     return AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=DTYPES[cfg.dtype],
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
+        **kwargs,
     )
+
+
+def max_positions(hf_config) -> int | None:
+    """The positions a model can attend over (`max_position_embeddings`, GPT-2's
+    `n_positions`), or None when its config sets no limit."""
+    return getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+
+
+def eos_token_ids(model: PreTrainedModel | None = None, tokenizer=None) -> tuple[int, ...]:
+    """Every id that ends a generated answer: the tokenizer's EOS and the model's
+    (generation_config and config; each may be an int, a list, or None: Llama-3 and Qwen2.5
+    list several), in a stable order."""
+    found: list[int] = []
+    sources = [] if tokenizer is None else [tokenizer.eos_token_id]
+    if model is not None:
+        sources += [model.generation_config.eos_token_id, model.config.eos_token_id]
+    for value in sources:
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in found:
+                found.append(int(i))
+    return tuple(found)
 
 
 def freeze_teacher(model: PreTrainedModel) -> PreTrainedModel:

@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from pocl_ray import curriculum, difficulty, models, report, tasks
 from pocl_ray.config import Config, load_config, save_resolved
 from pocl_ray.data import LoadResult, Record, load_records, split_train_eval, tokenize_records
-from pocl_ray.evaluation import generate, score_predictions
+from pocl_ray.evaluation import generate, new_token_budget, score_predictions
 from pocl_ray.signals import score_batch
 from pocl_ray.train_step import run_curriculum, sft
 
@@ -121,6 +121,11 @@ def starting_student(cfg: Config, tok, train_ex) -> torch.nn.Module:
 def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.DataFrame:
     """Signals for every training example, fused into ranks and stages (core functions)."""
     sig = cfg.scoring
+    budget = new_token_budget(
+        sig.max_new_tokens,
+        positions=models.max_positions(scorer.config),
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
     cols: dict[str, list[float]] = {s: [] for s in sig.signals}
     for start in range(0, len(train_ex), sig.batch_size):
         part = slice(start, start + sig.batch_size)
@@ -131,10 +136,10 @@ def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.D
             scorer=scorer,
             teacher=teacher,
             tokenizer=tok,
-            max_new_tokens=sig.max_new_tokens,
+            max_new_tokens=budget,
         )
         for s in sig.signals:
-            cols[s] += got[s]
+            cols[s] += got.signals[s]
     table = pd.DataFrame({"sample_id": [e.sample_id for e in train_ex], **cols})
     table["level"] = [r.extra.get("level") for r in train]
     table = difficulty.fuse(table, sig.signals, k=sig.fusion_k)
@@ -145,11 +150,16 @@ def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.D
 def evaluate(model, tok, records, examples, cfg: Config) -> dict[str, float]:
     ev = cfg.eval
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
+    budget = new_token_budget(
+        ev.max_new_tokens,
+        positions=models.max_positions(model.config),
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
     preds = generate(
         model,
         tok,
         prompts,
-        max_new_tokens=ev.max_new_tokens,
+        max_new_tokens=budget,
         decoding=ev.decoding,
         seed=ev.seeds[0],
         temperature=ev.temperature,
@@ -183,6 +193,7 @@ def distil(cfg: Config, mode: str, init_state, tok, teacher, train_ex, ranks, ou
             run_cfg,
             pad_id=tok.pad_token_id,
             on_step=lambda row: f.write(json.dumps(row) + "\n"),
+            eos_ids=models.eos_token_ids(None, tok),
         )
     log.info(
         "distil %s: %d steps in %.0f s, final loss %.4f",

@@ -49,22 +49,15 @@ from pocl_ray.config import (
     TokenizerConfig,
     from_dict,
 )
-from pocl_ray.data import (
-    IGNORE_INDEX,
-    Record,
-    TokenizedExample,
-    collate,
-    prompt_batch,
-)
+from pocl_ray.data import Record, TokenizedExample, prompt_batch
 from pocl_ray.evaluation import exact_match, generate, rouge_l
 from pocl_ray.signals import score_batch
+from pocl_ray.train_step import TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL
 
 MAX_ACTOR_RESTARTS = 3
 """A scoring actor that dies (OOM, preemption, node loss) is restarted this many times."""
 MAX_TASK_RETRIES = 3
 """A batch whose actor died is retried on the restarted actor this many times."""
-TOPK_IDS = "teacher_topk_ids"
-TOPK_LOGITS = "teacher_topk_logits"
 
 
 # ---------------------------------------------------------------- rows → dataset
@@ -80,6 +73,7 @@ def example_rows(
             "input_ids": [list(e.input_ids) for e in examples],
             "labels": [list(e.labels) for e in examples],
             "prompt_length": [e.prompt_length for e in examples],
+            "response_truncated": [e.response_truncated for e in examples],
             "references": [list(r) for r in references],
         }
     )
@@ -107,34 +101,6 @@ def scoring_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
 # ---------------------------------------------------------------- the actor
 
 
-def teacher_topk(
-    teacher: torch.nn.Module, batch: dict[str, torch.Tensor], k: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The teacher's top-k next-token logits at every response position.
-
-    Args:
-        teacher: a causal LM.
-        batch: from `collate` (right padded): input_ids, attention_mask, labels (B, L).
-        k: how many entries to keep per position.
-
-    Returns:
-        B pairs (ids, logits), each of shape (R_b, k), R_b = that row's response tokens:
-        row j holds the distribution that predicts the j-th response token (the logits at the
-        position before it), ids int32, raw T = 1 logits float16, sorted by logit descending.
-    """
-    with torch.no_grad():
-        logits = teacher(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits[:, :-1]
-        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).cpu()
-        values, ids = logits.float().topk(k, dim=-1)
-    values, ids = values.cpu(), ids.cpu()
-    return [
-        (ids[b][mask[b]].to(torch.int32).numpy(), values[b][mask[b]].to(torch.float16).numpy())
-        for b in range(ids.shape[0])
-    ]
-
-
 class ScorerActor:
     """Holds the scorer (and teacher) for the whole run; `__call__` scores one batch.
 
@@ -152,10 +118,12 @@ class ScorerActor:
         *,
         config: dict[str, Any],
         paths: dict[str, str | None],
+        max_new_tokens: int,
         num_threads: int = 1,
         fault: dict[str, Any] | None = None,
     ):
         cfg: Config = from_dict(config, source="scoring actor config")
+        self.max_new_tokens = max_new_tokens
         torch.set_num_threads(num_threads)
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per model and actor
         self.scoring = cfg.scoring
@@ -187,10 +155,14 @@ class ScorerActor:
                 labels=[int(t) for t in labels],
                 prompt_length=int(plen),
                 prompt_truncated=False,
-                response_truncated=False,
+                response_truncated=bool(cut),
             )
-            for sid, ids, labels, plen in zip(
-                batch["sample_id"], batch["input_ids"], batch["labels"], batch["prompt_length"]
+            for sid, ids, labels, plen, cut in zip(
+                batch["sample_id"],
+                batch["input_ids"],
+                batch["labels"],
+                batch["prompt_length"],
+                batch["response_truncated"],
             )
         ]
         references = [[str(r) for r in refs] for refs in batch["references"]]
@@ -201,16 +173,15 @@ class ScorerActor:
             scorer=self.scorer,
             teacher=self.teacher,
             tokenizer=self.tokenizer,
-            max_new_tokens=self.scoring.max_new_tokens,
+            max_new_tokens=self.max_new_tokens,
+            topk=self.scoring.teacher_topk,
+            cache_taus=self.scoring.cache_taus,
         )
-        out = pd.DataFrame({"sample_id": [e.sample_id for e in examples], **got})
-        if self.scoring.teacher_topk > 0:
-            collated = collate(examples, self.tokenizer.pad_token_id)
-            collated = {k: v.to(self.device) for k, v in collated.items()}
-            pairs = teacher_topk(self.teacher, collated, self.scoring.teacher_topk)
-            # bytes cross Ray Data unchanged; the driver rebuilds (R, K) arrays with the dtypes
-            out[TOPK_IDS] = [ids.tobytes() for ids, _ in pairs]
-            out[TOPK_LOGITS] = [vals.tobytes() for _, vals in pairs]
+        out = pd.DataFrame({"sample_id": [e.sample_id for e in examples], **got.signals})
+        if got.cache is not None:
+            # bytes cross Ray Data unchanged; the driver rebuilds the arrays (`decode_topk`)
+            for i, name in enumerate((TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL)):
+                out[name] = [row[i].tobytes() for row in got.cache]
         return out
 
     def _maybe_die(self) -> None:
@@ -241,12 +212,14 @@ def scored_dataset(
     config: dict[str, Any],
     paths: dict[str, str | None],
     scoring: ScoringConfig,
+    max_new_tokens: int,
     fault: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """`ds` mapped through a pool of `ScorerActor`s (lazy: nothing runs until consumed).
+    max_new_tokens: the rouge answers' budget (`evaluation.new_token_budget`)
 
-    Output rows: sample_id, one float column per signal, and with teacher_topk > 0 the two
-    top-K columns as raw bytes (see `decode_topk`), in no particular order.
+    Output rows: sample_id, one float column per signal, and with teacher_topk > 0 the three
+    cache columns as raw bytes (see `decode_topk`), in no particular order.
     """
     gpu = {"num_gpus": scoring.gpus_per_actor} if scoring.gpus_per_actor > 0 else {}
     with warnings.catch_warnings():
@@ -260,6 +233,7 @@ def scored_dataset(
             fn_constructor_kwargs=dict(
                 config=config,
                 paths=paths,
+                max_new_tokens=max_new_tokens,
                 num_threads=max(1, math.floor(scoring.cpus_per_actor)),
                 fault=fault,
             ),
@@ -278,11 +252,15 @@ def score_rows(ds: ray.data.Dataset, **kwargs: Any) -> pd.DataFrame:
     return scored_dataset(ds, **kwargs).to_pandas()
 
 
-def decode_topk(ids: bytes, logits: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (R, k) int32 ids and float16 logits of one row, from the actor's bytes."""
+def decode_topk(
+    ids: bytes, logprobs: bytes, tail: bytes, k: int, j: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's cache from the actor's bytes: (R, k) int32 ids, (R, k) float16 log-probs,
+    (R, j) float32 tail log-partitions (core `signals.teacher_topk`)."""
     return (
         np.frombuffer(ids, dtype=np.int32).reshape(-1, k),
-        np.frombuffer(logits, dtype=np.float16).reshape(-1, k),
+        np.frombuffer(logprobs, dtype=np.float16).reshape(-1, k),
+        np.frombuffer(tail, dtype=np.float32).reshape(-1, j),
     )
 
 
@@ -377,7 +355,7 @@ def sample_generate(
         do_sample=False,  # the sampler picks the token; argmax then takes it
         logits_processor=LogitsProcessorList([sampler]),
         no_repeat_ngram_size=no_repeat_ngram_size,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(models.eos_token_ids(model, tokenizer)) or None,
         pad_token_id=tokenizer.pad_token_id,
     )
     model.train(was_training)
@@ -449,7 +427,8 @@ class GeneratorActor:
             gives the decoding settings).
         model_specs: name -> {"path": model folder or hub name, "tokenizer": its tokenizer
             folder or name, "ids": the row column holding the prompt ids in that tokenizer,
-            "cut": the row column saying whether that prompt was cut to fit}.
+            "cut": the row column saying whether that prompt was cut to fit,
+            "max_new_tokens": its answer budget (`evaluation.new_token_budget`)}.
         num_threads: torch intra-op threads in this actor (match its CPU request).
     """
 
@@ -457,7 +436,7 @@ class GeneratorActor:
         self,
         *,
         config: dict[str, Any],
-        model_specs: dict[str, dict[str, str]],
+        model_specs: dict[str, dict[str, Any]],
         num_threads: int = 1,
     ):
         cfg: Config = from_dict(config, source="generation actor config")
@@ -496,7 +475,7 @@ class GeneratorActor:
                     model,
                     tok,
                     prompts,
-                    max_new_tokens=ev.max_new_tokens,
+                    max_new_tokens=spec["max_new_tokens"],
                     decoding="greedy",
                     no_repeat_ngram_size=ev.no_repeat_ngram_size,
                     batch_size=len(prompts),
@@ -507,7 +486,7 @@ class GeneratorActor:
                     tok,
                     prompts,
                     [row_seed(s, sid) for s, sid in zip(seeds, batch["sample_id"])],
-                    max_new_tokens=ev.max_new_tokens,
+                    max_new_tokens=spec["max_new_tokens"],
                     temperature=ev.temperature,
                     top_p=ev.top_p,
                     top_k=ev.top_k,
@@ -536,7 +515,7 @@ def generated_dataset(
     ds: ray.data.Dataset,
     *,
     config: dict[str, Any],
-    model_specs: dict[str, dict[str, str]],
+    model_specs: dict[str, dict[str, Any]],
     ev: EvalConfig,
 ) -> ray.data.Dataset:
     """`ds` mapped through a pool of `GeneratorActor`s (lazy: nothing runs until consumed)."""

@@ -48,12 +48,13 @@ from pocl_ray import curriculum, models
 from pocl_ray.config import Config, from_dict, to_dict
 from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate
 from pocl_ray.train_step import (
-    TOPK_IDS,
-    TOPK_LOGITS,
+    TOPK_CACHE,
+    DataParallel,
     make_optimizer,
     mean_ce,
     on_policy_spec,
     response_tokens,
+    seed_training,
     topk_targets,
     train_step,
 )
@@ -62,7 +63,8 @@ STATE_FORMAT = 1
 CKPT_PREFIX = "ckpt_"
 DEV_DATASET = "dev"
 TRAIN_COLUMNS = ["sample_id", "prompt_length", "input_ids", "labels", "bucket"]
-TOPK_COLUMNS = [TOPK_IDS, TOPK_LOGITS]
+TOPK_COLUMNS = list(TOPK_CACHE)
+"""The scores table's top-K cache columns (ids, log-probs, tail log-partitions)."""
 
 
 def stage_dataset_name(stage: int, rank: int) -> str:
@@ -171,6 +173,7 @@ def run_settings(cfg: Config, *, n: int, world_size: int, table_key: dict[str, A
         "curriculum": c["curriculum"],
         "loss": c["loss"],
         "optim": c["optim"],
+        "student_dropout": cfg.student.dropout,
     }
 
 
@@ -311,7 +314,8 @@ class StepRows:
 
 
 def _column(col: pa.ChunkedArray) -> list:
-    """Python values of one column; top-K lists become (R, K) numpy arrays."""
+    """Python values of one column; the cache's lists of fixed-size lists become (R, K) (or
+    (R, J)) numpy arrays of the stored dtype."""
     if pa.types.is_list(col.type) and pa.types.is_fixed_size_list(col.type.value_type):
         k = col.type.value_type.list_size
         return [
@@ -321,9 +325,14 @@ def _column(col: pa.ChunkedArray) -> list:
     return col.to_pylist()
 
 
-def _batch(rows: list[dict], pad_id: int, cached: bool, device: torch.device) -> dict:
+def _batch(
+    rows: list[dict], pad_id: int, cache_taus: list[float] | None, device: torch.device
+) -> dict:
     """Collate a rank's rows; a rank with no rows this step gets one all-masked row, so it
-    still runs forward and backward with DDP (with zero tokens and zero loss)."""
+    still runs forward and backward with DDP (with zero tokens and zero loss).
+
+    cache_taus: the cache's grid (scoring.cache_taus) when the teacher is the table's top-K
+    cache (`topk_targets`), None when it is not."""
     examples = [
         TokenizedExample(
             sample_id=r["sample_id"],
@@ -345,11 +354,12 @@ def _batch(rows: list[dict], pad_id: int, cached: bool, device: torch.device) ->
         )
     ]
     batch = collate(examples, pad_id)
-    if cached:
-        pairs = [(r[TOPK_IDS], r[TOPK_LOGITS]) for r in rows] or [
-            (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16))
+    if cache_taus is not None:
+        empty = (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16))
+        cache = [tuple(r[c] for c in TOPK_COLUMNS) for r in rows] or [
+            (*empty, np.zeros((0, len(cache_taus)), np.float32))
         ]
-        batch[TOPK_IDS], batch[TOPK_LOGITS] = topk_targets(batch["labels"], pairs)
+        batch.update(topk_targets(batch["labels"], cache, cache_taus))
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -596,6 +606,9 @@ def train_fn(loop_config: dict) -> None:
             safetensors.torch.load_model(student, str(Path(d) / "student.safetensors"))
             saved_opt = torch.load(Path(d) / "optimizer.pt", weights_only=True)
             rng = torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True)
+    # transformers loads in eval mode: without this, dropout would be off in every Ray run
+    # while the plain loop trains with it
+    student.train()
     model = ray.train.torch.prepare_model(student)  # ray: DDP when world > 1; to device
 
     position = state["position"] if state else _position(plan, 0, 0, 0, 0)
@@ -622,6 +635,10 @@ def train_fn(loop_config: dict) -> None:
         dev = _dev_examples(ray.train.get_dataset_shard(DEV_DATASET))  # ray:
     if rng is not None:
         _set_rng_state(rng)
+    else:
+        seed_training(cfg.run.seed, rank)
+    eos_ids = tuple(dict.fromkeys([*job["eos_ids"], *models.eos_token_ids(student)]))
+    parallel = DataParallel(world_size=world, all_sum=lambda v: _all_sum(v, world, device))
 
     started = time.perf_counter()
     steps_run = 0
@@ -658,9 +675,8 @@ def train_fn(loop_config: dict) -> None:
             _maybe_fault(job.get("fault"), pos.global_step, rank)
             t0 = time.perf_counter()
             rows = rows_of.take(k)
-            batch = _batch(rows, pad_id, cached, device)
+            batch = _batch(rows, pad_id, cfg.scoring.cache_taus if cached else None, device)
             n_here = response_tokens(batch)
-            n_all, rows_all = _all_sum([n_here, len(rows)], world, device)
             seed = curriculum.on_policy_seed(
                 cfg.run.seed, pos.global_step, cfg.loss.on_policy_ratio
             )
@@ -673,11 +689,18 @@ def train_fn(loop_config: dict) -> None:
                 base_lr=opt.lr,
                 loss=cfg.loss,
                 grad_clip=opt.grad_clip,
-                loss_scale=world * n_here / n_all if world > 1 and n_all else 1.0,
+                data_parallel=parallel,
                 per_row=seed is None,
-                on_policy=None if seed is None else on_policy_spec(cfg, seed, pad_id, student),
+                on_policy=None
+                if seed is None
+                else on_policy_spec(cfg, seed, pad_id, eos_ids, student),
             )
             seconds = time.perf_counter() - t0
+            n_all, ce_sum, kd_sum, kd_tokens, rows_all = _all_sum(
+                [n_here, res.ce * n_here, res.kd * res.kd_tokens, res.kd_tokens, len(rows)],
+                world,
+                device,
+            )
             sums = progress["sums"]
             for i, v in enumerate((res.loss * n_here, res.ce * n_here, res.kd * n_here, n_here)):
                 sums[i] += v
@@ -696,9 +719,12 @@ def train_fn(loop_config: dict) -> None:
             steps_run += 1
             window_tokens += n_all
             if global_step % cfg.run.log_every == 0 or k == p.total_steps:
-                loss_sum = _all_sum(
-                    [res.loss * n_here, res.ce * n_here, res.kd * n_here], world, device
-                )
+                # global token means, each term over its own tokens (as the gradient is);
+                # one worker logs its own float32 values, bit for bit the plain loop's
+                ce_mean = ce_sum / n_all if world > 1 and n_all else res.ce
+                kd_mean = kd_sum / kd_tokens if world > 1 and kd_tokens else res.kd
+                lam = pos.kd_ratio
+                loss_mean = (1 - lam) * ce_mean + lam * kd_mean if world > 1 else res.loss
                 if log is not None:
                     now = time.perf_counter()
                     log.step(
@@ -712,9 +738,9 @@ def train_fn(loop_config: dict) -> None:
                             "kd_ratio": pos.kd_ratio,
                             "alpha": pos.alpha,
                             "lr": opt.lr * pos.lr_mult,
-                            "loss": loss_sum[0] / n_all if n_all else res.loss,
-                            "ce": loss_sum[1] / n_all if n_all else res.ce,
-                            "kd": loss_sum[2] / n_all if n_all else res.kd,
+                            "loss": loss_mean,
+                            "ce": ce_mean,
+                            "kd": kd_mean,
                             "tokens": int(n_all),
                             "samples": samples,
                             "on_policy": res.on_policy,

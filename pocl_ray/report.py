@@ -118,10 +118,11 @@ def plot_eval(results: pd.DataFrame, path: Path) -> Path:
             xs = [j + i * width for j in range(len(sets))]
             means = [agg.loc[(s, model), (metric, "mean")] for s in sets]
             sds = [agg.loc[(s, model), (metric, "std")] for s in sets]
-            ax.bar(xs, means, width, yerr=sds, capsize=3, label=model)
+            ax.bar(xs, means, width, yerr=sds if seeds > 1 else None, capsize=3, label=model)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
         ax.set_ylabel(f"{label} (x100)")
-        ax.set_title(f"{label}, mean +/- sd over {seeds} seed(s)")
+        spread = f"mean +/- sd over {seeds} decoding seeds" if seeds > 1 else "one decoding pass"
+        ax.set_title(f"{label}, {spread}\n(one training run per student: not a comparison)")
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 

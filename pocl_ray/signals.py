@@ -1,4 +1,5 @@
-"""Per-sample difficulty signals computed with models (pocl-method.md §2).
+"""Per-sample difficulty signals computed with models (pocl-method.md §2), and the teacher's
+top-K cache.
 
 Pure functions of models and tokenised examples: the Ray Data scoring actors call
 `score_batch` on each block, and the plain demo calls it on the whole set.
@@ -6,18 +7,41 @@ Pure functions of models and tokenised examples: the Ray Data scoring actors cal
 - nll: the scorer's mean response NLL (lower = easier)
 - teacher_nll: the teacher's mean response NLL (lower = easier)
 - kd_gap: mean per-token KL(teacher || student) at T = 1 on the reference (lower = easier)
+The three NLL-type signals leave out the EOS the tokenizer appended (`signal_mask`). One
+`score_batch` call runs each model forward once: the teacher's logits give teacher_nll,
+kd_gap and the cache, the scorer's give nll and kd_gap, and a scorer that is the teacher
+reuses the teacher's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pocl_ray.data import TokenizedExample, collate
+from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate
 from pocl_ray.evaluation import generate, rouge_l
 from pocl_ray.losses import per_token_kd
-from pocl_ray.train_step import shifted
+
+ROUGE_NO_REPEAT_NGRAM = 6
+"""The rouge signal's greedy answers never repeat a 6-gram (the authors' setting)."""
+CACHE_CHUNK_ROWS = 1024
+"""Response positions processed at a time by `teacher_topk` (bounds its (rows, V) temporaries)."""
+
+CacheRow = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""One example's cache: ids (R, K) int32, log-probs (R, K) float16, tail (R, J) float32."""
+
+
+@dataclass(kw_only=True)
+class ScoredBatch:
+    """What `score_batch` computed for one batch, aligned with its examples."""
+
+    signals: dict[str, list[float]]
+    """One list per requested signal."""
+    cache: list[CacheRow] | None = None
+    """Per example, the teacher's top-K cache (`teacher_topk`); None unless topk > 0."""
 
 
 def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,27 +49,126 @@ def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted labels (B, L-1) and their response mask (B, L-1): logits at t predict t+1."""
+    targets = batch["labels"][:, 1:]
+    return targets, targets != IGNORE_INDEX
+
+
 @torch.no_grad()
-def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) mean token NLL of each reference response (prompt and padding masked)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits, targets, mask = shifted(out.logits.float(), batch["labels"])
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L-1, V) next-token logits aligned with `_targets`."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+        :, :-1
+    ]
+
+
+def signal_mask(
+    labels: torch.Tensor, examples: Sequence[TokenizedExample], eos_id: int | None
+) -> torch.Tensor:
+    """(B, L) labels → (B, L-1) bool: the response positions the NLL-type signals average over.
+
+    Every response label except the EOS the tokenizer appended (`data.tokenize_record`): the
+    final label, when it is `eos_id` and the example's response was not cut, as in the
+    authors' code. A response of EOS alone keeps it (a mean over nothing would be undefined).
+    """
+    targets, mask = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+    out = mask.clone()
+    if eos_id is None:
+        return out
+    for b, example in enumerate(examples):
+        at = mask[b].nonzero()[:, 0]
+        if len(at) > 1 and not example.response_truncated and int(targets[b, at[-1]]) == eos_id:
+            out[b, at[-1]] = False
+    return out
+
+
+def mean_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, V), (B, L), (B, L) bool → (B,) mean token NLL over each row's masked positions."""
     nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+        logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none"
     )
     return _per_sample_mean(nll, mask)
 
 
+def mean_kd_gap(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, L, V) twice, (B, L) bool → (B,) mean per-token KL(teacher ‖ student) at T = 1."""
+    kl = per_token_kd(student_logits, teacher_logits, kind="fkl", temperature=1.0)
+    return _per_sample_mean(kl, mask)
+
+
+@torch.no_grad()
+def response_nll(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B,) mean token NLL of each reference response (prompt and padding masked).
+
+    mask: (B, L-1) the positions to average (default: every response label)."""
+    targets, response = _targets(batch)
+    return mean_nll(_logits(model, batch), targets, response if mask is None else mask)
+
+
 @torch.no_grad()
 def kd_gap(
-    teacher: torch.nn.Module, student: torch.nn.Module, batch: dict[str, torch.Tensor]
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B,) mean per-token KL(teacher || student) at T = 1 over each response."""
-    ids, att = batch["input_ids"], batch["attention_mask"]
-    s_logits, _, mask = shifted(student(input_ids=ids, attention_mask=att).logits, batch["labels"])
-    t_logits = teacher(input_ids=ids, attention_mask=att).logits[:, :-1]
-    kl = per_token_kd(s_logits, t_logits, kind="fkl", temperature=1.0, alpha=0.1, beta=0.9)
-    return _per_sample_mean(kl, mask)
+    """(B,) mean per-token KL(teacher || student) at T = 1 over each response.
+
+    mask: (B, L-1) the positions to average (default: every response label)."""
+    _, response = _targets(batch)
+    mask = response if mask is None else mask
+    return mean_kd_gap(_logits(student, batch), _logits(teacher, batch), mask)
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher_logits: torch.Tensor, mask: torch.Tensor, *, k: int, cache_taus: Sequence[float]
+) -> list[CacheRow]:
+    """The teacher's top-K cache at every response position (docs/scoring.md).
+
+    Args:
+        teacher_logits: (B, L-1, V) the teacher's next-token logits, aligned with the shifted
+            labels (position t predicts label t + 1).
+        mask: (B, L-1) bool, True at response positions (every one, EOS included: training
+            uses them all).
+        k: entries kept per position.
+        cache_taus: J grid temperatures τ_j (scoring.cache_taus).
+
+    Returns:
+        Per row b, with R_b its response positions, in order (entry j predicts the j-th
+        response token):
+        ids (R_b, k) int32, the top-k token ids, sorted by probability descending;
+        log-probs (R_b, k) float16, the teacher's T = 1 log-probabilities z − logsumexp(z)
+        at those ids (near 0 for likely tokens, where float16 is precise);
+        tail (R_b, J) float32, F_j = log Σ_{i ∉ top-k} exp(log p_i / τ_j), the log-partition
+        of every other token at each grid temperature (-inf when k = V).
+    """
+    if not cache_taus:
+        raise ValueError("the top-K cache needs at least one grid temperature (cache_taus)")
+    rows = teacher_logits[mask]
+    ids_out, logp_out, tail_out = [], [], []
+    for chunk in rows.split(CACHE_CHUNK_ROWS):
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        values, ids = logp.topk(k, dim=-1)
+        rest = logp.scatter(-1, ids, -torch.inf)
+        tail = torch.stack([torch.logsumexp(rest / tau, dim=-1) for tau in cache_taus], dim=-1)
+        ids_out.append(ids.to(torch.int32).cpu())
+        logp_out.append(values.to(torch.float16).cpu())
+        tail_out.append(tail.cpu())
+    counts = mask.sum(dim=1).tolist()
+    per_row = [
+        torch.cat(parts).split(counts) if parts else [torch.zeros(0, width)] * len(counts)
+        for parts, width in ((ids_out, k), (logp_out, k), (tail_out, len(cache_taus)))
+    ]
+    return [
+        (ids.numpy().astype(np.int32), logp.numpy().astype(np.float16), tail.numpy())
+        for ids, logp, tail in zip(*per_row, strict=True)
+    ]
 
 
 def score_batch(
@@ -57,27 +180,60 @@ def score_batch(
     teacher: torch.nn.Module | None,
     tokenizer,
     max_new_tokens: int,
-) -> dict[str, list[float]]:
-    """Every requested signal for one batch of examples, as plain lists aligned with it."""
+    topk: int = 0,
+    cache_taus: Sequence[float] = (),
+) -> ScoredBatch:
+    """Every requested signal for one batch, and with topk > 0 the teacher's top-K cache.
+
+    The batch is built on the scorer's device; the teacher must be on the same device.
+    Each model runs forward once: the teacher's logits serve teacher_nll, kd_gap and the
+    cache; the scorer's serve nll and kd_gap (the teacher's when the scorer is the teacher).
+    rouge generates greedily with no repeated 6-gram (ROUGE_NO_REPEAT_NGRAM).
+    """
     device = next(scorer.parameters()).device  # actors may hold the models on a GPU
+    if teacher is not None and next(teacher.parameters()).device != device:
+        raise ValueError(
+            f"the teacher is on {next(teacher.parameters()).device} but the scorer on {device}; "
+            "score_batch builds the batch on the scorer's device: put both on one device"
+        )
     batch = {k: v.to(device) for k, v in collate(list(examples), tokenizer.pad_token_id).items()}
+    targets, response = _targets(batch)
+    mask = signal_mask(batch["labels"], examples, tokenizer.eos_token_id)
+    t_logits = s_logits = None
+    teacher_uses = [s for s in ("teacher_nll", "kd_gap") if s in signals]
+    if topk > 0:
+        teacher_uses.append("the top-K cache")
+    if teacher_uses:
+        t_logits = _logits(_need(teacher, teacher_uses[0]), batch)
+    if "nll" in signals or "kd_gap" in signals:
+        s_logits = (
+            t_logits if scorer is teacher and t_logits is not None else _logits(scorer, batch)
+        )
     out: dict[str, list[float]] = {}
     if "nll" in signals:
-        out["nll"] = response_nll(scorer, batch).tolist()
+        out["nll"] = mean_nll(s_logits, targets, mask).tolist()
     if "teacher_nll" in signals:
-        out["teacher_nll"] = response_nll(_need(teacher, "teacher_nll"), batch).tolist()
+        out["teacher_nll"] = mean_nll(t_logits, targets, mask).tolist()
     if "kd_gap" in signals:
-        out["kd_gap"] = kd_gap(_need(teacher, "kd_gap"), scorer, batch).tolist()
+        out["kd_gap"] = mean_kd_gap(s_logits, t_logits, mask).tolist()
     if "rouge" in signals:
         prompts = [e.input_ids[: e.prompt_length] for e in examples]
         answers = generate(
-            scorer, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts)
+            scorer,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=ROUGE_NO_REPEAT_NGRAM,
+            batch_size=len(prompts),
         )
         out["rouge"] = [rouge_l(a, refs) for a, refs in zip(answers, references)]
-    return out
+    cache = None
+    if topk > 0:
+        cache = teacher_topk(t_logits, response, k=topk, cache_taus=cache_taus)
+    return ScoredBatch(signals=out, cache=cache)
 
 
-def _need(teacher: torch.nn.Module | None, signal: str) -> torch.nn.Module:
+def _need(teacher: torch.nn.Module | None, use: str) -> torch.nn.Module:
     if teacher is None:
-        raise ValueError(f"signal {signal!r} needs a teacher model; none was given")
+        raise ValueError(f"{use!r} needs a teacher model; none was given")
     return teacher

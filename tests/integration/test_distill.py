@@ -24,7 +24,13 @@ from pocl_ray import cli, curriculum, difficulty, models
 from pocl_ray.data import TokenizedExample, collate, split_train_eval, tokenize_records
 from pocl_ray.plain import load_task_records
 from pocl_ray.ray_train import latest_checkpoint, read_state
-from pocl_ray.train_step import TOPK_IDS, TOPK_LOGITS, loss_terms, run_curriculum, topk_targets
+from pocl_ray.train_step import (
+    TOPK_CACHE,
+    loss_terms,
+    run_curriculum,
+    seed_training,
+    topk_targets,
+)
 from tests import tiny
 
 pytestmark = pytest.mark.ray
@@ -32,7 +38,9 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 BATCH = 16  # optim.batch_size of the demo config
-EXTRA = ["scoring.teacher_topk=4", "run.log_every=1"]  # 2 + 4 + 6 + 7 = 19 steps of 16 rows
+# 2 + 4 + 6 + 7 = 19 steps of 16 rows. Dropout on (like a pretrained GPT-2 student): the
+# equality tests below then also prove that Ray trains in train mode with the plain loop's RNG.
+EXTRA = ["scoring.teacher_topk=4", "run.log_every=1", "student.dropout=0.1"]
 
 
 def tiny_cfg(out: Path, *extra: str):
@@ -226,9 +234,10 @@ def test_teacher_cache_feeds_each_row_its_own_top_k(scored, tmp_path):
     first = curriculum.stage_batches(plan[0], subset, seed=0, batch_size=BATCH)[0]
     tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
     batch = collate([examples[i] for i in first], tok.pad_token_id)
-    cache = [(np.stack(table[TOPK_IDS][i]), np.stack(table[TOPK_LOGITS][i])) for i in first]
-    batch[TOPK_IDS], batch[TOPK_LOGITS] = topk_targets(batch["labels"], cache)
-    student = models.load_pretrained(out / "student_init", cfg.student)
+    cache = [tuple(np.stack(table[c][i]) for c in TOPK_CACHE) for i in first]
+    batch.update(topk_targets(batch["labels"], cache, cfg.scoring.cache_taus))
+    student = models.load_pretrained(out / "student_init", cfg.student).train()
+    seed_training(cfg.run.seed)  # the worker trains with dropout, seeded like this
     want = loss_terms(student, None, batch, tau=1.0, kd_ratio=0.7, alpha=0.1, loss=cfg.loss)
     assert rows[0]["kd"] == pytest.approx(want.kd.item(), rel=1e-6)
     assert rows[0]["loss"] == pytest.approx(want.total.item(), rel=1e-6)
@@ -311,7 +320,8 @@ def test_one_worker_equals_the_plain_loop(scored, tmp_path):
 @pytest.mark.timeout(180)
 def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path):
     out = copy_run(scored, tmp_path)
-    cfg = tiny_cfg(out, "scaling.num_workers=2")
+    # dropout off: two ranks draw their masks from two RNG streams, the plain loop from one
+    cfg = tiny_cfg(out, "scaling.num_workers=2", "student.dropout=0.0")
     distill.main(cfg)
     n = score.read_manifest(out)["counts"]["scored"]
     plan = plan_of(cfg, n, world=2)  # global batch 2 x 16
@@ -321,7 +331,7 @@ def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path):
     last = latest_checkpoint(out / "ray" / cfg.run.name)
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {f.name for f in last.iterdir()}
     # token-weighted DDP gradients = the plain loop's on the global batch (up to float sums)
-    ref = plain_history(out, tiny_cfg(out, f"optim.batch_size={2 * BATCH}"))
+    ref = plain_history(out, tiny_cfg(out, f"optim.batch_size={2 * BATCH}", "student.dropout=0"))
     same_steps(rows, ref, rtol=1e-4)
     assert AutoModelForCausalLM.from_pretrained(out / "student") is not None
 

@@ -293,12 +293,19 @@ def test_gpu_request_without_gpu_fails_fast(ray_local, assets, capsys):
     assert not (out / "eval").exists()
 
 
-def test_missing_model_and_no_room_for_prompt_fail_before_ray(assets, tmp_path):
+def test_missing_model_and_no_room_for_an_answer_fail_before_ray(assets, tmp_path, capsys):
     cfg = load_config(DEMO, args_for(assets, tmp_path, f"eval.models=[x={tmp_path / 'none'}]"))
     with pytest.raises(evaluate.EvalJobError, match="model 'x': cannot read a model config"):
         evaluate.main(cfg)
-    cfg = load_config(DEMO, args_for(assets, tmp_path, "eval.max_new_tokens=128"))
-    with pytest.raises(evaluate.EvalJobError, match="no room for a prompt"):
+    # more new tokens than positions left: clamped, with one line (the generation rule)
+    cfg = load_config(DEMO, args_for(assets, tmp_path, "eval.max_new_tokens=256"))
+    name, path = next(iter(evaluate.model_entries(cfg, tmp_path).items()))
+    assert evaluate.answer_budget(name, path, cfg) == MAX_LEN - 96
+    assert "answers limited to 32 new tokens" in capsys.readouterr().out
+    # prompts that may fill every position: no room at all, refused
+    cfg = load_config(DEMO, args_for(assets, tmp_path, "data.max_prompt_length=128",
+                                     "data.max_length=256"))  # fmt: skip
+    with pytest.raises(evaluate.EvalJobError, match="no room for an answer"):
         evaluate.main(cfg)
     cfg = load_config(DEMO, [*args_for(assets, tmp_path), "eval.models=[]"])
     with pytest.raises(evaluate.EvalJobError, match="eval.models is empty"):

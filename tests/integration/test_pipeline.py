@@ -1,10 +1,16 @@
 """The whole pipeline on a reduced config, on the session's local Ray: every artefact is
 written, and a second run reuses every step."""
 
+import json
+
 import pandas as pd
 import pytest
+import torch
 
 from jobs import pipeline
+from pocl_ray import models, tasks
+from pocl_ray.config import ModelConfig
+from pocl_ray.data import load_records
 from tests.tiny import tiny_cfg
 
 
@@ -21,7 +27,7 @@ def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys)
         assert (tmp_path / rel).exists(), rel
     assert index == tmp_path / "report" / "index.html"
     results = pd.read_csv(tmp_path / "eval" / "results.csv")
-    assert set(results["model"]) == {"teacher", "pocl", "kd"}
+    assert set(results["model"]) == {"teacher", "pocl", "kd", "sft"}
     pocl = pd.read_json(tmp_path / "pocl" / "metrics.jsonl", lines=True)
     kd = pd.read_json(tmp_path / "kd" / "metrics.jsonl", lines=True)
     assert pocl["stage"].nunique() == cfg.curriculum.num_stages and kd["stage"].nunique() == 1
@@ -31,5 +37,43 @@ def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys)
     pipeline.main(cfg)
     second = capsys.readouterr().out
     assert "sft teacher: reusing" in second
-    assert "pocl: reusing" in second and "kd: reusing" in second
+    assert "pocl: reusing" in second and "kd: reusing" in second and "sft: reusing" in second
+    assert first.count("ROUGE-L F1 x100") == 1  # the table, once
     assert (tmp_path / "pocl" / "student" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_with_a_pretrained_teacher_folder_and_a_top1_cache(ray_local, tmp_path, capsys):
+    """A real-model run: the teacher (and its tokenizer) come from a folder, not from the
+    demo's SFT; the cache keeps K = 1 and scoring asks for more new tokens than the models
+    have positions (clamped). The pipeline must evaluate that teacher and reach the end."""
+    path = tasks.write_jsonl(tasks.generate(200, seed=5), tmp_path / "t.jsonl")
+    records = load_records(path).records
+    tok = models.train_tokenizer([r.prompt + r.references[0] for r in records], 512)
+    torch.manual_seed(0)
+    teacher = models.build_tiny(ModelConfig(hidden_size=32, num_layers=2, num_heads=2), tok, 128)
+    folder = models.save_model(teacher, tok, tmp_path / "my-teacher")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        out,
+        f"teacher.name_or_path={folder}",
+        f"tokenizer.name_or_path={folder}",
+        "scoring.teacher_topk=1",
+        "loss.teacher_source=cache",
+        "scoring.max_new_tokens=256",
+        "scaling.num_workers=0",  # Train local mode: the wiring is what is tested here
+    )
+    pipeline.main(cfg)
+    printed = capsys.readouterr().out
+    assert not (out / "teacher").exists()  # nothing trained in its place
+    results = pd.read_csv(out / "eval" / "results.csv")
+    assert set(results["model"]) == {"teacher", "pocl", "kd", "sft"}
+    manifest = json.loads((out / "eval" / "manifest.json").read_text())
+    assert manifest["models"]["teacher"]["path"] == str(folder)
+    for run in ("pocl", "kd"):  # the K = 1 cache still teaches: a non-zero KD term
+        kd = pd.read_json(out / run / "metrics.jsonl", lines=True)["kd"]
+        assert (kd > 0).all(), run
+    sft = pd.read_json(out / "sft" / "metrics.jsonl", lines=True)
+    assert (sft["kd_ratio"] == 0).all() and (sft["kd"] == 0).all()
+    assert "scoring.max_new_tokens=256 clamped to 32" in printed
+    assert printed.count("ROUGE-L F1 x100") == 1  # the table, once

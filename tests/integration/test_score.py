@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 DOLLY = ROOT.parent / "shared" / "data" / "dolly-train.jsonl"
 TOPK = 4
+CACHE_COLUMNS = ["teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logz"]
 
 
 def train_ids(cfg) -> list[str]:
@@ -121,7 +122,7 @@ def test_signals_match_the_plain_loop(tiny_run):
         teacher=teacher,
         tokenizer=tok,
         max_new_tokens=cfg.scoring.max_new_tokens,
-    )
+    ).signals
     for s in ("nll", "teacher_nll", "kd_gap"):
         np.testing.assert_allclose(rows[s].to_numpy(), got[s], rtol=1e-4, atol=1e-5, err_msg=s)
     assert np.mean(rows["rouge"].to_numpy() == np.asarray(got["rouge"])) >= 0.9
@@ -132,22 +133,31 @@ def test_teacher_topk_cache_shapes(tiny_run):
     cfg, out = tiny_run
     table = score.read_scores(out)
     teacher = models.load_pretrained(out / "teacher", cfg.teacher).eval()
+    taus = cfg.scoring.cache_taus
     for _, row in table.head(5).iterrows():
         ids = np.stack(row["teacher_topk_ids"])
-        logits = np.stack(row["teacher_topk_logits"])
-        assert ids.shape == logits.shape == (row["response_tokens"], TOPK)
-        assert ids.dtype == np.int32 and logits.dtype == np.float16
-        assert (np.diff(logits.astype(np.float32), axis=1) <= 0).all()  # sorted, best first
+        logprobs = np.stack(row["teacher_topk_logprobs"])
+        tail = np.stack(row["teacher_tail_logz"])
+        assert ids.shape == logprobs.shape == (row["response_tokens"], TOPK)
+        assert tail.shape == (row["response_tokens"], len(taus))
+        assert (ids.dtype, logprobs.dtype, tail.dtype) == (np.int32, np.float16, np.float32)
+        assert (np.diff(logprobs.astype(np.float32), axis=1) <= 0).all()  # sorted, best first
         # recompute: the teacher's top-K at each position before a response token
         labels = np.asarray(row["labels"])
         with torch.no_grad():
             z = teacher(input_ids=torch.tensor([list(row["input_ids"])])).logits[0, :-1]
         at = np.nonzero(labels[1:] != -100)[0]
-        want_vals, want_ids = z[at].topk(TOPK, dim=-1)
-        np.testing.assert_allclose(logits.astype(np.float32), want_vals.numpy(), atol=1e-2)
+        logp = torch.log_softmax(z[at].double(), dim=-1)
+        want_vals, want_ids = logp.topk(TOPK, dim=-1)
+        np.testing.assert_allclose(logprobs.astype(np.float32), want_vals.numpy(), atol=1e-2)
         assert (ids == want_ids.numpy()).mean() >= 0.95  # near-ties may swap order
+        # top-K mass + tail mass = 1 at T = 1 (the grid holds 1.0)
+        head = np.logaddexp.reduce(logprobs.astype(np.float64), axis=1)
+        total = np.logaddexp(head, tail[:, taus.index(1.0)])
+        np.testing.assert_allclose(total, 0.0, atol=5e-3)
     manifest = score.read_manifest(out)
-    assert manifest["teacher_topk"] == TOPK
+    assert manifest["teacher_topk"] == TOPK and manifest["cache_taus"] == taus
+    assert manifest["format_version"] == score.FORMAT_VERSION == 2
 
 
 @pytest.mark.timeout(180)
@@ -169,8 +179,8 @@ def test_idempotent_rerun_force_and_changed_config(tiny_run, tmp_path, capsys, c
     assert manifest.stat().st_mtime_ns != stamp
     after = score.read_scores(out)
     pd.testing.assert_frame_equal(
-        before.drop(columns=["teacher_topk_ids", "teacher_topk_logits"]),
-        after.drop(columns=["teacher_topk_ids", "teacher_topk_logits"]),
+        before.drop(columns=CACHE_COLUMNS),
+        after.drop(columns=CACHE_COLUMNS),
     )
 
     old_hash = json.loads(manifest.read_text())["config_hash"]

@@ -651,6 +651,13 @@ RULES = [
         ["scoring.teacher_topk: got -1"],
         1,
     ),
+    (
+        "scoring.cache_taus",
+        {"scoring": {"cache_taus": [1.0, 0.5, 2.0]}},
+        ["scoring.cache_taus: got [1.0, 0.5, 2.0]", "increasing"],
+        1,
+    ),
+    ("scoring.cache_taus zero", {"scoring": {"cache_taus": [0.0, 1.0]}}, ["cache_taus"], 1),
     # curriculum
     (
         "curriculum.num_stages",
@@ -802,6 +809,14 @@ RULES = [
         ["curriculum.alphas: set, but loss.kind is 'fkl'"],
         1,
     ),
+    (
+        "kd_gap needs a scorer other than the teacher",
+        {"scoring": {"scorer": "teacher", "signals": ["nll", "kd_gap"]}},
+        ["scoring.signals: kd_gap with scoring.scorer 'teacher'", "always 0"],
+        1,
+    ),
+    ("student.dropout", {"student": {"dropout": 1.0}}, ["student.dropout: got 1.0"], 1),
+    ("teacher.dropout", {"teacher": {"dropout": -0.1}}, ["teacher.dropout: got -0.1"], 1),
 ]
 
 
@@ -834,6 +849,8 @@ VALID_EDGES = [
     {"eval": {"top_p": 1.0, "top_k": 0, "no_repeat_ngram_size": 0, "max_examples": 1}},
     {"run": {"checkpoint_every": 0, "log_every": 1, "name": "x"}},
     {"curriculum": {"mode": "none", "num_stages": 1}},
+    {"scoring": {"scorer": "teacher", "signals": ["nll", "rouge", "teacher_nll"]}},
+    {"student": {"dropout": 0.0}, "teacher": {"dropout": 0.99}},
 ]
 
 

@@ -100,6 +100,14 @@ def test_none_mode_paper_is_twenty_epochs_over_all_data():
     assert abs(p.epochs * p.size - visits) < PAPER_N
 
 
+def test_none_mode_takes_the_first_stage_temperature_and_alpha_when_listed():
+    cur = CurriculumConfig(mode="none", taus=[1.3, 1.6, 1.8, 2.0], alphas=[0.2, 0.3, 0.4, 0.5])
+    (p,) = stage_table(cur, n=40, batch_size=4, loss_alpha=0.1)
+    assert (p.tau, p.alpha) == (1.3, 0.2)
+    (p,) = stage_table(CurriculumConfig(mode="none", tau_min=1.2), n=40, batch_size=4)
+    assert (p.tau, p.alpha) == (1.2, 0.1)
+
+
 def test_none_mode_rounds_epochs_half_up():
     # n = 4, S = 4: sizes 1, 2, 3, 4 → Σ/n = 2.5; interval 1 → 2.5 epochs → 3.
     (p,) = stage_table(CurriculumConfig(mode="none", interval=1), n=4, batch_size=2)
@@ -466,9 +474,7 @@ def test_module_does_not_import_ray():
     import subprocess
     import sys
 
-    code = (
-        "import sys; sys.modules['ray'] = None\n"
-        "import pocl_ray.curriculum\n"
-        "assert 'ray' not in sys.modules or sys.modules['ray'] is None\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # nothing blocked: if the module (or anything it imports) pulls ray in, it shows up here
+    code = "import sys, pocl_ray.curriculum; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "False"

@@ -21,6 +21,7 @@ from pocl_ray.data import (
     RESPONSE_CUE,
     DataError,
     Record,
+    bos_prefix,
     build_prompt,
     collate,
     load_records,
@@ -276,6 +277,35 @@ def test_labels_mask_the_prompt_and_eos_ends_the_response(tok):
     assert ex.labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
     assert ex.prompt_length == len(prompt_ids) and ex.sample_id == rec.sample_id
     assert not ex.prompt_truncated and not ex.response_truncated
+
+
+def bos_tokenizer(tok):
+    """`tok` made Llama-like: its post-processor puts BOS before every text by default."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    bos = tok.eos_token  # the tiny vocabulary has no separate BOS; any special token will do
+    inner.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token=bos, eos_token=bos,
+                                   pad_token=tok.pad_token)  # fmt: skip
+
+
+def test_bos_goes_before_the_prompt_where_the_tokenizer_adds_one(tok):
+    rec = make_record("Summarise the text.", "The cat sat.", "A cat sat.")
+    assert bos_prefix(tok) == ()  # GPT-2 style: nothing added
+    llama_like = bos_tokenizer(tok)
+    assert bos_prefix(llama_like) == (llama_like.bos_token_id,)
+    plain = tokenize_record(rec, tok, max_prompt_length=256, max_length=512)
+    ex = tokenize_record(rec, llama_like, max_prompt_length=256, max_length=512)
+    assert ex.input_ids == [llama_like.bos_token_id] + plain.input_ids
+    assert ex.prompt_length == plain.prompt_length + 1 and ex.labels[0] == IGNORE_INDEX
+    assert ex.sample_id == plain.sample_id
+    cut = tokenize_record(make_record("Say it.", "ctx " * 300, "ok"), llama_like,
+                          max_prompt_length=60, max_length=100)  # fmt: skip
+    assert cut.prompt_length <= 60 and cut.input_ids[0] == llama_like.bos_token_id
 
 
 def test_long_response_is_cut_to_max_length_without_eos(tok):

@@ -61,3 +61,17 @@ def test_cache_needs_the_top_k_and_excludes_on_policy():
     assert any(p.startswith("loss.on_policy_ratio: got 0.5") for p in problems)
     ok = from_dict({"loss": {"teacher_source": "cache"}, "scoring": {"teacher_topk": 4}})
     assert ok.loss.teacher_source == "cache"
+
+
+def test_cache_needs_every_stage_temperature_on_the_cached_grid():
+    base = {"loss": {"teacher_source": "cache"}, "scoring": {"teacher_topk": 4}}
+    wide = dict(base, curriculum={"tau_min": 1.0, "tau_max": 4.0})
+    problems = problems_of(wide)
+    assert any(
+        p.startswith("curriculum.tau_min/max") and "scoring.cache_taus" in p for p in problems
+    )
+    listed = dict(base, curriculum={"taus": [0.25, 1.0, 1.5, 2.0]})
+    assert any(p.startswith("curriculum.taus") for p in problems_of(listed))
+    grid = {"teacher_topk": 4, "cache_taus": [1.0, 2.0, 4.0]}
+    assert from_dict(dict(wide, scoring=grid)).scoring.cache_taus == [1.0, 2.0, 4.0]
+    from_dict(dict(listed, loss={"teacher_source": "online"}))  # online: no grid needed

@@ -11,17 +11,24 @@ import torch
 
 from pocl_ray import curriculum
 from pocl_ray.config import CurriculumConfig, LossConfig, ModelConfig, OptimConfig
-from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
+from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_records
 from pocl_ray.models import build_tiny, freeze_teacher
+from pocl_ray.signals import teacher_topk
 from pocl_ray.train_step import (
     TOPK_IDS,
-    TOPK_LOGITS,
+    TOPK_LOGPROBS,
+    TOPK_TAIL,
+    TOPK_TAUS,
+    DataParallel,
     OnPolicy,
+    cut_at_eos,
     loss_terms,
     make_optimizer,
+    mean_ce,
     on_policy_batch,
     on_policy_terms,
-    response_tokens,
+    rank_loss,
+    sft,
     shifted,
     topk_targets,
     train_step,
@@ -105,13 +112,20 @@ def test_topk_targets_align_with_the_shifted_response_positions(env):
     for b in range(3):
         r = int(mask[b].sum())
         ids = np.stack([targets[b][mask[b]].numpy(), np.zeros(r, np.int64)], axis=1)
-        rows.append((ids.astype(np.int32), np.ones((r, 2), np.float16)))
-    ids, logits = topk_targets(batch["labels"], rows)
-    assert ids.shape == (*mask.shape, 2) and logits.dtype == torch.float32
+        tail = np.full((r, 3), -2.0, np.float32)
+        rows.append((ids.astype(np.int32), np.full((r, 2), -1.0, np.float16), tail))
+    got = topk_targets(batch["labels"], rows, [1.0, 1.5, 2.0])
+    ids, logprobs, tail = got[TOPK_IDS], got[TOPK_LOGPROBS], got[TOPK_TAIL]
+    assert ids.shape == (*mask.shape, 2) and logprobs.dtype == torch.float32
+    assert tail.shape == (*mask.shape, 3) and tail.dtype == torch.float32
+    assert got[TOPK_TAUS].tolist() == [1.0, 1.5, 2.0]
     assert torch.equal(ids[..., 0][mask], targets[mask])  # entry j predicts response token j
-    assert (ids[~mask] == 0).all() and (logits[~mask] == 0).all()
+    assert (logprobs[mask] == -1.0).all() and (tail[mask] == -2.0).all()
+    assert (ids[~mask] == 0).all() and (logprobs[~mask] == 0).all() and (tail[~mask] == 0).all()
     with pytest.raises(ValueError, match="response tokens"):
-        topk_targets(batch["labels"], [(r[0][:-1], r[1][:-1]) for r in rows])
+        topk_targets(batch["labels"], [tuple(x[:-1] for x in r) for r in rows], [1.0, 1.5, 2.0])
+    with pytest.raises(ValueError, match="cache_taus"):
+        topk_targets(batch["labels"], rows, [1.0, 2.0])
 
 
 def test_cache_with_the_whole_vocabulary_is_the_online_kd(env):
@@ -121,10 +135,15 @@ def test_cache_with_the_whole_vocabulary_is_the_online_kd(env):
         t = env.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     z = t.logits[:, :-1]
     _, _, mask = shifted(t.logits, batch["labels"])
-    vals, ids = z.topk(z.shape[-1], dim=-1)
-    rows = [(ids[b][mask[b]].numpy(), vals[b][mask[b]].numpy()) for b in range(4)]
-    cached = dict(batch)
-    cached[TOPK_IDS], cached[TOPK_LOGITS] = topk_targets(batch["labels"], rows)
+    taus = [1.0, 1.5, 2.0]
+    rows = teacher_topk(z, mask, k=z.shape[-1], cache_taus=taus)
+    # the stored float16 log-probs, recomputed in float32 here: the loss itself is exact
+    logp = torch.log_softmax(z.float(), dim=-1)
+    rows = [
+        (ids, logp[b][mask[b]].gather(-1, torch.from_numpy(ids).long()).numpy(), tail)
+        for b, (ids, _, tail) in enumerate(rows)
+    ]
+    cached = dict(batch, **topk_targets(batch["labels"], rows, taus))
     knobs = dict(tau=1.5, kd_ratio=0.8, alpha=0.1, loss=fkl())
     online = loss_terms(env.student, env.teacher, batch, **knobs)
     from_cache = loss_terms(env.student, None, cached, **knobs, per_row=True)
@@ -161,44 +180,104 @@ def grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def rank_grad(model, terms_of_rank, kd_ratio, world, ce_all, kd_all) -> torch.Tensor:
+    model.zero_grad()
+    rank_loss(terms_of_rank, kd_ratio, world_size=world, ce_tokens_all=ce_all,
+              kd_tokens_all=kd_all).backward()  # fmt: skip
+    return grads(model).clone()
+
+
 def test_token_weighted_loss_scale_makes_workers_average_to_the_global_gradient(env):
-    """What DDP does with the ray_train loss scale: mean over ranks of the gradients of
-    scale_r · loss_r, scale_r = world · tokens_r / tokens_all, is the gradient of the token
-    mean over the whole global batch, also when the halves hold different token counts."""
+    """What DDP does with `rank_loss`: the mean over ranks of its gradients is the gradient of
+    the token mean over the whole global batch, also when the halves hold different token
+    counts."""
     knobs = dict(tau=1.0, kd_ratio=0.7, alpha=0.1, loss=fkl())
     full = collate(env.examples[:6], env.tok.pad_token_id)
     env.student.zero_grad()
     loss_terms(env.student, env.teacher, full, **knobs).total.backward()
     want = grads(env.student).clone()
-    halves = [env.examples[:1], env.examples[1:6]]
-    total_tokens = sum(response_tokens(collate(h, env.tok.pad_token_id)) for h in halves)
-    got = 0
-    for h in halves:
-        b = collate(h, env.tok.pad_token_id)
-        env.student.zero_grad()
-        scale = 2 * response_tokens(b) / total_tokens
-        (loss_terms(env.student, env.teacher, b, **knobs).total * scale).backward()
-        got = got + grads(env.student) / 2
+    halves = [collate(h, env.tok.pad_token_id) for h in (env.examples[:1], env.examples[1:6])]
+    terms = [loss_terms(env.student, env.teacher, b, **knobs) for b in halves]
+    ce_all = sum(t.tokens for t in terms)
+    kd_all = sum(t.kd_tokens for t in terms)
+    got = sum(rank_grad(env.student, t, 0.7, 2, ce_all, kd_all) for t in terms) / 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_train_step_loss_scale_scales_the_gradient_not_the_reported_loss(env):
+def sampled_rows(env, rows: range, keep: int, pad: int) -> dict[str, torch.Tensor]:
+    """A stand-in for the student's samples: each row's prompt and the first `keep` tokens of
+    its reference, labelled as on_policy_batch labels sampled tokens."""
+    examples = []
+    for e in (env.examples[i] for i in rows):
+        ids = e.input_ids[: e.prompt_length + keep]
+        examples.append(
+            TokenizedExample(sample_id="", input_ids=ids,
+                             labels=[IGNORE_INDEX] * e.prompt_length + ids[e.prompt_length :],
+                             prompt_length=e.prompt_length, prompt_truncated=False,
+                             response_truncated=False)
+        )  # fmt: skip
+    return collate(examples, pad)
+
+
+def test_on_policy_ranks_average_to_the_one_process_gradient(env):
+    """On-policy KD is a mean over the SAMPLED tokens, whose counts differ per rank: two ranks
+    weighting CE and KD each by its own token share give the one-process gradient on the same
+    global batch; the old single factor (reference tokens only) does not."""
+    pad = env.tok.pad_token_id
+    knobs = dict(tau=1.5, kd_ratio=0.6, alpha=0.1, loss=fkl(), pad_id=pad)
+    refs = [collate(env.examples[i : i + n], pad) for i, n in ((0, 1), (1, 3))]
+    samples = [sampled_rows(env, range(0, 1), 2, pad), sampled_rows(env, range(1, 4), 9, pad)]
+    env.student.zero_grad()
+    full_ref = collate(env.examples[0:4], pad)
+    full_sampled = collate([*_as_examples(samples[0]), *_as_examples(samples[1])], pad)
+    on_policy_terms(env.student, env.teacher, full_ref, full_sampled, **knobs).total.backward()
+    want = grads(env.student).clone()
+    terms = [
+        on_policy_terms(env.student, env.teacher, r, s, **knobs) for r, s in zip(refs, samples)
+    ]
+    assert terms[0].kd_tokens != terms[1].kd_tokens  # the case that matters
+    ce_all, kd_all = sum(t.tokens for t in terms), sum(t.kd_tokens for t in terms)
+    got = sum(rank_grad(env.student, t, 0.6, 2, ce_all, kd_all) for t in terms) / 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    old = 0  # the former rule: total · world · ref_tokens_here / ref_tokens_all
+    for r, smp in zip(refs, samples):
+        t = on_policy_terms(env.student, env.teacher, r, smp, **knobs)
+        env.student.zero_grad()
+        (t.total * 2 * t.tokens / ce_all).backward()
+        old = old + grads(env.student) / 2
+    assert not torch.allclose(old, want, rtol=1e-2, atol=1e-6)
+
+
+def _as_examples(batch: dict[str, torch.Tensor]) -> list[TokenizedExample]:
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][b].sum())
+        labels = batch["labels"][b, :n].tolist()
+        plen = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
+        out.append(TokenizedExample(sample_id="", input_ids=batch["input_ids"][b, :n].tolist(),
+                                    labels=labels, prompt_length=plen, prompt_truncated=False,
+                                    response_truncated=False))  # fmt: skip
+    return out
+
+
+def test_train_step_data_parallel_scales_the_gradient_not_the_reported_loss(env):
     batch = collate(env.examples[:4], env.tok.pad_token_id)
     plan = curriculum.stage_table(CurriculumConfig(num_stages=1, interval=1), n=4, batch_size=4)
     pos = curriculum.position_at(plan, 0, lr_policy="per_stage")
     reported = []
-    for scale in (1.0, 3.0):
+    # one rank holding all tokens / a rank whose peers hold 3x its tokens (world 2)
+    for parallel in (None, DataParallel(world_size=2, all_sum=lambda v: [4 * x for x in v])):
         torch.manual_seed(0)
         model = build_tiny(ModelConfig(hidden_size=16, num_layers=1, num_heads=2), env.tok,
                            MAX_LEN)  # fmt: skip
         opt = make_optimizer(model, OptimConfig(lr=1e-3))
         res = train_step(
             model, env.teacher, opt, batch, pos=pos, base_lr=0.0, loss=fkl(), grad_clip=1e9,
-            loss_scale=scale,
+            data_parallel=parallel,
         )  # fmt: skip
         reported.append((res.loss, res.grad_norm))
     assert reported[0][0] == reported[1][0]
-    assert math.isclose(reported[1][1], 3 * reported[0][1], rel_tol=1e-5)
+    assert math.isclose(reported[1][1], 0.5 * reported[0][1], rel_tol=1e-5)
 
 
 # ---------------------------------------------------------------- on-policy (pocl-method.md §6)
@@ -207,10 +286,9 @@ def test_train_step_loss_scale_scales_the_gradient_not_the_reported_loss(env):
 def test_on_policy_batch_labels_the_sampled_tokens_at_their_own_positions(env):
     batch = collate(env.examples[:4], env.tok.pad_token_id)
     eos, pad = env.tok.eos_token_id, env.tok.pad_token_id
-    out = on_policy_batch(env.student, batch, pad_id=pad, max_new_tokens=6, max_length=MAX_LEN,
-                          seed=5)  # fmt: skip
-    again = on_policy_batch(env.student, batch, pad_id=pad, max_new_tokens=6, max_length=MAX_LEN,
-                            seed=5)  # fmt: skip
+    kw = dict(pad_id=pad, eos_ids=(eos,), max_new_tokens=6, seed=5)
+    out = on_policy_batch(env.student, batch, **kw)
+    again = on_policy_batch(env.student, batch, **kw)
     assert all(torch.equal(out[k], again[k]) for k in out)  # seeded
     for b, ex in enumerate(env.examples[:4]):
         ids, labels = out["input_ids"][b].tolist(), out["labels"][b].tolist()
@@ -230,11 +308,34 @@ def test_on_policy_batch_labels_the_sampled_tokens_at_their_own_positions(env):
     assert not mask[0, plen - 2]
 
 
+def test_on_policy_batch_ends_a_sample_at_any_eos_of_a_set(env):
+    """Llama-3 / Qwen2.5 list several EOS ids (and some models none): a sample ends at the
+    first member of the set, and nothing after it is labelled or attended."""
+    batch = collate(env.examples[:4], env.tok.pad_token_id)
+    pad = env.tok.pad_token_id
+    free = on_policy_batch(env.student, batch, pad_id=pad, eos_ids=(), max_new_tokens=6, seed=5)
+    plen = env.examples[0].prompt_length
+    first = int(free["input_ids"][0, plen])  # row 0's first sampled token
+    eos_set = (env.tok.eos_token_id, first)
+    out = on_policy_batch(env.student, batch, pad_id=pad, eos_ids=eos_set, max_new_tokens=6,
+                          seed=5)  # fmt: skip
+    n0 = int(out["attention_mask"][0].sum())
+    assert n0 == plen + 1 and out["labels"][0, plen] == first  # ended at once, EOS kept
+    assert (out["labels"][0, n0:] == IGNORE_INDEX).all()
+    for b, ex in enumerate(env.examples[:4]):
+        n = int(out["attention_mask"][b].sum())
+        sampled = out["input_ids"][b, ex.prompt_length : n].tolist()
+        assert not set(sampled[:-1]) & set(eos_set)  # cut at the FIRST member
+        assert (out["labels"][b, n:] == IGNORE_INDEX).all()
+    assert cut_at_eos([5, 7, 2, 7, 3], (3, 7)) == [5, 7]
+    assert cut_at_eos([5, 6], (3, 7)) == [5, 6] and cut_at_eos([5, 6], ()) == [5, 6]
+
+
 def test_on_policy_loss_has_no_ce_on_generated_text(env):
     batch = collate(env.examples[:3], env.tok.pad_token_id)
     pad = env.tok.pad_token_id
-    sampled = on_policy_batch(env.student, batch, pad_id=pad, max_new_tokens=5,
-                              max_length=MAX_LEN, seed=1)  # fmt: skip
+    sampled = on_policy_batch(env.student, batch, pad_id=pad, eos_ids=(env.tok.eos_token_id,),
+                              max_new_tokens=5, seed=1)  # fmt: skip
     knobs = dict(tau=1.0, alpha=0.1, loss=fkl())
     on = on_policy_terms(env.student, env.teacher, batch, sampled, pad_id=pad, kd_ratio=0.6,
                          **knobs)  # fmt: skip
@@ -253,7 +354,8 @@ def test_on_policy_step_leaves_the_global_rng_alone(env):
     opt = torch.optim.SGD(env.student.parameters(), lr=0.0)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    spec = OnPolicy(seed=9, max_new_tokens=4, max_length=MAX_LEN, pad_id=env.tok.pad_token_id)
+    spec = OnPolicy(seed=9, max_new_tokens=4, pad_id=env.tok.pad_token_id,
+                    eos_ids=(env.tok.eos_token_id,))  # fmt: skip
     res = train_step(env.student, env.teacher, opt, batch, pos=pos, base_lr=0.0, loss=fkl(),
                      grad_clip=1.0, on_policy=spec)  # fmt: skip
     assert res.on_policy and res.row_loss is None
@@ -292,21 +394,42 @@ def test_worker_step_on_gpu_with_a_half_precision_teacher(env):
     with torch.no_grad():  # the cache path on the GPU
         z = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    vals, ids = z[:, :-1].float().topk(8, dim=-1)
-    rows = [(ids[b][mask[b]].cpu().numpy(), vals[b][mask[b]].cpu().numpy()) for b in range(6)]
+    rows = teacher_topk(z[:, :-1], mask, k=8, cache_taus=[1.0, 2.0])
     cached = dict(batch)
-    t_ids, t_logits = topk_targets(batch_cpu["labels"], rows)
-    cached[TOPK_IDS], cached[TOPK_LOGITS] = t_ids.to(dev), t_logits.to(dev)
+    cached.update(
+        {k: v.to(dev) for k, v in topk_targets(batch_cpu["labels"], rows, [1.0, 2.0]).items()}
+    )
     from_cache = loss_terms(student, None, cached, **knobs, per_row=True)
     assert torch.isfinite(from_cache.total) and from_cache.row_loss.device.type == "cuda"
 
     opt = make_optimizer(student, OptimConfig(lr=1e-3))
-    spec = OnPolicy(seed=3, max_new_tokens=4, max_length=MAX_LEN, pad_id=env.tok.pad_token_id)
+    spec = OnPolicy(seed=3, max_new_tokens=4, pad_id=env.tok.pad_token_id,
+                    eos_ids=(env.tok.eos_token_id,))  # fmt: skip
     before = torch.cuda.get_rng_state()
     res = train_step(student, teacher, opt, batch, pos=pos, base_lr=1e-3, loss=fkl(),
                      grad_clip=1.0, on_policy=spec)  # fmt: skip
     assert res.on_policy and math.isfinite(res.loss)
     assert torch.equal(torch.cuda.get_rng_state(), before)  # sampling left the CUDA RNG alone
-    res = train_step(student, teacher, opt, batch, pos=pos, base_lr=1e-3, loss=fkl(),
-                     grad_clip=1.0, per_row=True, loss_scale=0.5)  # fmt: skip
+    res = train_step(
+        student,
+        teacher,
+        opt,
+        batch,
+        pos=pos,
+        base_lr=1e-3,
+        loss=fkl(),
+        grad_clip=1.0,
+        per_row=True,
+        data_parallel=DataParallel(world_size=2, all_sum=lambda v: [2 * x for x in v]),
+    )
     assert math.isfinite(res.loss) and len(res.row_loss) == 6
+    # the plateau trigger's dev loss and SFT take CPU batches and move them to the model
+    dev_ce = mean_ce(student, env.examples[:6], env.tok.pad_token_id)
+    assert math.isfinite(dev_ce)
+    assert dev_ce == pytest.approx(mean_ce(student.cpu(), env.examples[:6], env.tok.pad_token_id),
+                                   rel=1e-3)  # fmt: skip
+    student.to(dev)
+    losses = sft(student, env.examples[:6], epochs=2, lr=1e-3, batch_size=3,
+                 pad_id=env.tok.pad_token_id)  # fmt: skip
+    assert all(math.isfinite(x) for x in losses)
+    assert next(student.parameters()).device.type == "cuda"

@@ -8,7 +8,13 @@ from rouge_score import rouge_scorer
 
 from pocl_ray.config import ModelConfig
 from pocl_ray.data import tokenize_records
-from pocl_ray.evaluation import exact_match, generate, rouge_l, score_predictions
+from pocl_ray.evaluation import (
+    exact_match,
+    generate,
+    new_token_budget,
+    rouge_l,
+    score_predictions,
+)
 from pocl_ray.models import build_tiny
 
 MAX_LEN = 128
@@ -84,9 +90,21 @@ def test_exact_match_normalisation():
     assert exact_match("Hello World", ["hello world"]) == 100.0
     assert exact_match("  hello \n\t world  ", ["Hello World"]) == 100.0
     assert exact_match("a b c", ["x", "A  B C"]) == 100.0  # any reference
-    assert exact_match("hello world!", ["hello world"]) == 0.0  # punctuation counts
+    # S-NI / SQuAD normalisation: punctuation and the articles a / an / the do not count
+    assert exact_match("Hello, world!", ["hello world"]) == 100.0
+    assert exact_match("The answer is an apple.", ["answer is apple"]) == 100.0
+    assert exact_match("theater", ["ater"]) == 0.0  # only whole-word articles go
     assert exact_match("helloworld", ["hello world"]) == 0.0
     assert exact_match("7", ["17"]) == 0.0
+    assert exact_match("1, 2, 3", ["1 2 3"]) == 100.0
+
+
+def test_new_token_budget_clamps_to_the_positions_left():
+    assert new_token_budget(256, positions=128, max_prompt_length=96) == 32
+    assert new_token_budget(16, positions=128, max_prompt_length=96) == 16
+    assert new_token_budget(256, positions=None, max_prompt_length=96) == 256
+    with pytest.raises(ValueError, match="no room for an answer"):
+        new_token_budget(8, positions=96, max_prompt_length=96)
 
 
 def test_score_predictions_means():

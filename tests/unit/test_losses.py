@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pocl_ray.losses import ce_loss, kd_loss, mixed_loss, per_token_kd, topk_kd_loss
+from pocl_ray.losses import (
+    cached_teacher_log_probs,
+    ce_loss,
+    kd_loss,
+    mixed_loss,
+    per_token_kd,
+    tail_log_partition,
+    topk_kd_loss,
+)
 
 KINDS = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 NEG_INF = float("-inf")
@@ -296,26 +304,167 @@ def test_mixed_loss():
         mixed_loss(ce, kd, 1.5)
 
 
+# ---------------------------------------------------------------- cached teacher: top-K + rest
+
+GRID = [0.5, 1.0, 1.5, 2.0, 3.0]
+
+
+def make_cache(t: torch.Tensor, k: int, taus=GRID):
+    """What the scoring job stores, computed here in float64 straight from the definition:
+    top-k ids, T = 1 log-probs there, and log Σ_{i ∉ top-k} p_i^(1/τ_j) per grid τ_j."""
+    logp = torch.log_softmax(t.double(), dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ids, False)
+    tail = torch.stack(
+        [torch.logsumexp((logp / tau).masked_fill(~outside, NEG_INF), dim=-1) for tau in taus],
+        dim=-1,
+    )
+    return ids, values.float(), tail.float()
+
+
+def naive_bucket_kd(s, t, ids, mask, *, kind, tau, scale=True, alpha=0.1, beta=0.9):
+    """The K + 1 bucket divergence from FULL teacher logits: p, q at τ over the vocabulary,
+    summed into the top-k buckets and one rest bucket, then the naive divergence (float64)."""
+    p = torch.softmax(t.double() / tau, dim=-1)
+    q = torch.softmax(s.double() / tau, dim=-1)
+
+    def buckets(x):
+        head = x.gather(-1, ids)
+        return torch.cat([head, (x.sum(-1) - head.sum(-1)).clamp(min=0)[..., None]], dim=-1)
+
+    # naive_token takes logits; log of a distribution at temperature 1 gives it back
+    log_p, log_q = buckets(p).log(), buckets(q).log()
+    return naive_kd(log_q, log_p, mask, kind=kind, tau=1.0, scale=False, alpha=alpha, beta=beta) * (
+        tau**2 if scale else 1.0
+    )
+
+
+@pytest.mark.parametrize("tau", [1.5, 4 / 3])  # on the grid, between grid points
 @pytest.mark.parametrize("kind", KINDS)
-def test_topk_with_full_support_equals_kd_loss(kind):
+def test_topk_with_full_vocabulary_equals_kd_loss(kind, tau):
+    """K = V: the rest bucket is empty (tail -inf everywhere) and the loss is `kd_loss`,
+    values and gradients, with no NaN from the empty bucket."""
     s, t, mask = make_inputs(seed=19)
-    ids = torch.stack([torch.randperm(s.shape[-1]) for _ in range(mask.numel())])
-    ids = ids.reshape(*mask.shape, -1)
-    topk = topk_kd_loss(s, ids, t.gather(-1, ids), mask, kind=kind, temperature=1.5)
-    torch.testing.assert_close(topk, kd_loss(s, t, mask, kind=kind, temperature=1.5))
+    ids, logprobs, tail = make_cache(t, s.shape[-1])
+    assert torch.isinf(tail).all()
+
+    def cached(s, t):
+        return topk_kd_loss(s, ids, logprobs, tail, GRID, mask, kind=kind, temperature=tau)
+
+    def online(s, t):
+        return kd_loss(s, t, mask, kind=kind, temperature=tau)
+
+    value, grad_s, _ = value_and_grads(lambda s, t: cached(s, t) + 0 * t.sum(), s, t)
+    assert torch.isfinite(grad_s).all()
+    want, want_grad, _ = value_and_grads(online, s, t)
+    torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_s, want_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_topk_with_small_k_uses_renormalised_support():
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_with_one_token_sees_the_students_other_mass(kind):
+    """K = 1: the student's mass off the teacher's top token is in the rest bucket, so the
+    loss is not zero and every logit gets a gradient (the old renormalised loss gave 0)."""
     s, t, mask = make_inputs(seed=20)
-    values, ids = t.topk(4, dim=-1)
+    ids, logprobs, tail = make_cache(t, 1)
     s.requires_grad_()
-    loss = topk_kd_loss(s, ids, values, mask, kind="fkl", temperature=2.0)
-    assert loss.shape == ()
-    expected = naive_kd(s.gather(-1, ids).double(), values.double(), mask, kind="fkl", tau=2.0)
-    torch.testing.assert_close(loss, expected.float())
+    loss = topk_kd_loss(s, ids, logprobs, tail, GRID, mask, kind=kind, temperature=1.0)
+    assert loss.item() > 1e-3
     (grad,) = torch.autograd.grad(loss, s)
     off_support = torch.ones_like(grad, dtype=torch.bool).scatter(-1, ids, False)
-    assert (grad[off_support] == 0).all()
+    rows = mask[..., None].expand_as(grad)
+    assert (grad[off_support & rows].abs() > 0).all()
+    assert (grad[~rows] == 0).all()  # unmasked positions untouched
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_on_grid_equals_the_bucketed_full_teacher(kind, tau):
+    s, t, mask = make_inputs(seed=22)
+    ids, logprobs, tail = make_cache(t, 4)
+    loss = topk_kd_loss(s, ids, logprobs, tail, GRID, mask, kind=kind, temperature=tau)
+    want = naive_bucket_kd(s, t, ids, mask, kind=kind, tau=tau)
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.25, 4 / 3, 5 / 3, 2.5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_between_grid_points_is_close(kind, tau):
+    """Interpolating the tail log-partition in β = 1/τ: close to the exact bucket loss."""
+    s, t, mask = make_inputs(seed=23)
+    ids, logprobs, tail = make_cache(t, 4)
+    loss = topk_kd_loss(s, ids, logprobs, tail, GRID, mask, kind=kind, temperature=tau)
+    want = naive_bucket_kd(s, t, ids, mask, kind=kind, tau=tau)
+    torch.testing.assert_close(loss, want.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_tail_interpolation_is_exact_on_the_grid_and_an_upper_bound_between():
+    _, t, _ = make_inputs(seed=24, scale=3.0)
+    ids, _, tail = make_cache(t, 3)
+    fine = torch.linspace(0.5, 3.0, 26).tolist()
+    exact = make_cache(t, 3, taus=fine)[2]
+    for j, tau in enumerate(fine):
+        got = tail_log_partition(tail, GRID, tau)
+        if tau in GRID or any(abs(tau - g) < 1e-9 for g in GRID):
+            torch.testing.assert_close(got, exact[..., j])
+        # F is convex in β: the chord between grid points lies above it
+        assert (got >= exact[..., j] - 1e-5).all()
+    with pytest.raises(ValueError, match="outside the cached grid"):
+        tail_log_partition(tail, GRID, 3.5)
+    with pytest.raises(ValueError, match="increasing"):
+        tail_log_partition(tail, [1.0, 0.5, 2.0, 3.0, 4.0], 1.0)
+
+
+def test_cached_teacher_buckets_are_a_distribution_and_empty_tail_stays_finite():
+    _, t, _ = make_inputs(seed=25)
+    for k in (1, 4, t.shape[-1]):
+        _, logprobs, tail = make_cache(t, k)
+        for tau in (0.5, 4 / 3, 2.0):
+            log_p = cached_teacher_log_probs(logprobs, tail, GRID, tau)
+            assert not torch.isnan(log_p).any()
+            torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(log_p.shape[:-1]))
+            if k == t.shape[-1]:
+                assert (log_p[..., -1] == NEG_INF).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_chunked_equals_unchunked_and_nothing_masked_is_zero(kind):
+    s, t, mask = make_inputs(seed=26)
+    ids, logprobs, tail = make_cache(t, 3)
+
+    def loss(s, t, chunk_size=None, mask=mask):
+        return (
+            topk_kd_loss(
+                s,
+                ids,
+                logprobs,
+                tail,
+                GRID,
+                mask,
+                kind=kind,
+                temperature=1.5,
+                chunk_size=chunk_size,
+            )
+            + 0 * t.sum()
+        )
+
+    assert_same_value_and_grads(loss, lambda s, t: loss(s, t, chunk_size=2), s, t)
+    s = s.clone().requires_grad_()
+    zero = topk_kd_loss(
+        s, ids, logprobs, tail, GRID, torch.zeros_like(mask), kind=kind, temperature=1.5
+    )
+    assert zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+    assert (s.grad == 0).all()
+
+
+def test_topk_with_fp16_log_probs_is_close():
+    """The scoring job stores the top-K log-probs in float16: near 0 they are precise."""
+    s, t, mask = make_inputs(seed=27)
+    ids, logprobs, tail = make_cache(t, 4)
+    full = topk_kd_loss(s, ids, logprobs, tail, GRID, mask, kind="fkl", temperature=2.0)
+    half = topk_kd_loss(s, ids, logprobs.half(), tail, GRID, mask, kind="fkl", temperature=2.0)
+    torch.testing.assert_close(half, full, rtol=2e-3, atol=1e-4)
 
 
 def test_bad_arguments_raise():

@@ -14,8 +14,10 @@ from pocl_ray.models import (
     PAD,
     build_tiny,
     count_parameters,
+    eos_token_ids,
     freeze_teacher,
     load_pretrained,
+    max_positions,
     save_model,
     train_tokenizer,
 )
@@ -208,3 +210,35 @@ def test_trust_remote_code_defaults_to_false(tok, tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_pretrained(custom, ModelConfig())
     assert not Path(marker).exists()
+
+
+# ---------------------------------------------------------------- dropout, EOS ids
+
+
+def test_dropout_tiny_builds_and_overrides_a_saved_model(tok, tmp_path):
+    assert tiny(tok, "gpt2").config.resid_pdrop == 0.0  # tiny default: none
+    model = build_tiny(tiny_cfg("gpt2", dropout=0.2), tok, MAX_POSITIONS)
+    assert (model.config.resid_pdrop, model.config.attn_pdrop) == (0.2, 0.2)
+    save_model(model, tok, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m", tiny_cfg("gpt2"))
+    assert loaded.config.resid_pdrop == 0.2 and not loaded.training  # its own; eval mode
+    off = load_pretrained(tmp_path / "m", tiny_cfg("gpt2", dropout=0.0))
+    assert (off.config.resid_pdrop, off.config.embd_pdrop, off.config.attn_pdrop) == (0, 0, 0)
+    llama = build_tiny(tiny_cfg("llama", dropout=0.1), tok, MAX_POSITIONS)
+    assert llama.config.attention_dropout == 0.1
+
+
+def test_eos_token_ids_merge_the_tokenizer_and_the_model(tok):
+    model = tiny(tok, "llama")
+    assert eos_token_ids(model, tok) == (tok.eos_token_id,)
+    model.generation_config.eos_token_id = [7, tok.eos_token_id, 9]  # Llama-3 style list
+    assert eos_token_ids(model, tok) == (tok.eos_token_id, 7, 9)
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    assert eos_token_ids(model) == ()
+    assert eos_token_ids(None, tok) == (tok.eos_token_id,)
+
+
+def test_max_positions_reads_either_config_name(tok):
+    assert max_positions(tiny(tok, "gpt2").config) == MAX_POSITIONS
+    assert max_positions(tiny(tok, "llama").config) == MAX_POSITIONS

@@ -3,15 +3,16 @@
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pocl_ray.config import ModelConfig
-from pocl_ray.data import collate, tokenize_records
+from pocl_ray.data import collate, tokenize_record, tokenize_records
 from pocl_ray.evaluation import generate, rouge_l
 from pocl_ray.models import build_tiny, freeze_teacher
-from pocl_ray.signals import kd_gap, response_nll, score_batch
+from pocl_ray.signals import kd_gap, response_nll, score_batch, signal_mask
 
 MAX_LEN = 128
 ALL = ["rouge", "nll", "teacher_nll", "kd_gap"]
@@ -27,6 +28,18 @@ def env(task_records, task_tok):
     exs = [examples[i] for i in picked]
     refs = [records[i].references for i in picked]
     assert len({len(e.input_ids) for e in exs}) > 2
+    # and one whose response was cut (it lost its EOS and one more token)
+    long = exs[1]
+    cut = tokenize_record(
+        records[picked[1]],
+        tok,
+        max_prompt_length=long.prompt_length,
+        max_length=len(long.input_ids) - 2,
+    )
+    assert cut.response_truncated and cut.input_ids[-1] != tok.eos_token_id
+    exs.append(cut)
+    refs.append(records[picked[1]].references)
+    assert all(e.input_ids[-1] == tok.eos_token_id for e in exs[:-1])
     return SimpleNamespace(tok=tok, examples=exs, references=refs)
 
 
@@ -46,24 +59,30 @@ def teacher(env):
     return freeze_teacher(tiny(env.tok, "llama", seed=1))
 
 
-def hand_nll(model, example) -> float:
+def signal_span(example, eos_id) -> range:
+    """The response positions the signals average: all but an appended (not cut) EOS."""
+    end = len(example.input_ids)
+    if not example.response_truncated and example.input_ids[-1] == eos_id:
+        end -= 1
+    return range(example.prompt_length, end)
+
+
+def hand_nll(model, example, span=None) -> float:
     """Mean CE of the response tokens, the example alone (no padding), one token at a time."""
     ids = torch.tensor([example.input_ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
-    losses = [
-        F.cross_entropy(logits[t - 1][None], ids[0, t][None]).item()
-        for t in range(example.prompt_length, len(example.input_ids))
-    ]
+    span = span or range(example.prompt_length, len(example.input_ids))
+    losses = [F.cross_entropy(logits[t - 1][None], ids[0, t][None]).item() for t in span]
     return sum(losses) / len(losses)
 
 
-def hand_kl(teacher, student, example) -> float:
+def hand_kl(teacher, student, example, span=None) -> float:
     ids = torch.tensor([example.input_ids])
     with torch.no_grad():
         t_logits, s_logits = teacher(input_ids=ids).logits[0], student(input_ids=ids).logits[0]
     total = 0.0
-    span = range(example.prompt_length, len(example.input_ids))
+    span = span or range(example.prompt_length, len(example.input_ids))
     for t in span:
         log_p = torch.log_softmax(t_logits[t - 1].double(), -1)
         log_q = torch.log_softmax(s_logits[t - 1].double(), -1)
@@ -124,22 +143,171 @@ def test_score_batch_returns_every_signal(env, student, teacher):
         teacher=teacher,
         tokenizer=env.tok,
         max_new_tokens=4,
-    )
+    ).signals
     assert set(out) == set(ALL)
     n = len(env.examples)
     for name, values in out.items():
         assert isinstance(values, list) and len(values) == n, name
         assert all(isinstance(v, float) for v in values), name
     batch = collate(env.examples, env.tok.pad_token_id)
-    assert out["nll"] == pytest.approx(response_nll(student, batch).tolist(), rel=1e-6)
-    assert out["teacher_nll"] == pytest.approx(response_nll(teacher, batch).tolist(), rel=1e-6)
-    assert out["kd_gap"] == pytest.approx(kd_gap(teacher, student, batch).tolist(), rel=1e-6)
+    mask = signal_mask(batch["labels"], env.examples, env.tok.eos_token_id)
+    assert out["nll"] == pytest.approx(response_nll(student, batch, mask).tolist(), rel=1e-6)
+    assert out["teacher_nll"] == pytest.approx(
+        response_nll(teacher, batch, mask).tolist(), rel=1e-6
+    )
+    assert out["kd_gap"] == pytest.approx(kd_gap(teacher, student, batch, mask).tolist(), rel=1e-6)
     assert out["nll"] != out["teacher_nll"]
+    # rouge: greedy answers with no repeated 6-gram (the authors' setting)
     prompts = [e.input_ids[: e.prompt_length] for e in env.examples]
-    answers = generate(student, env.tok, prompts, max_new_tokens=4)
+    answers = generate(student, env.tok, prompts, max_new_tokens=4, no_repeat_ngram_size=6)
     expected = [rouge_l(a, r) for a, r in zip(answers, env.references)]
     assert out["rouge"] == pytest.approx(expected)
     assert all(0.0 <= v <= 100.0 for v in out["rouge"])
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_nll_signals_leave_out_the_appended_eos(env, student, teacher, which):
+    """nll / teacher_nll / kd_gap average every response token but the EOS the tokenizer
+    appended; a response that was cut has no EOS and keeps its last token."""
+    model = student if which == "student" else teacher
+    got = score_batch(
+        env.examples,
+        env.references,
+        signals=["nll", "teacher_nll", "kd_gap"],
+        scorer=model,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+    ).signals
+    eos = env.tok.eos_token_id
+    spans = [signal_span(e, eos) for e in env.examples]
+    assert [len(s) for s in spans[:-1]] == [
+        len(e.input_ids) - e.prompt_length - 1 for e in env.examples[:-1]
+    ]
+    assert len(spans[-1]) == len(env.examples[-1].input_ids) - env.examples[-1].prompt_length
+    want = [hand_nll(model, e, s) for e, s in zip(env.examples, spans)]
+    assert got["nll"] == pytest.approx(want, rel=1e-5)
+    want = [hand_nll(teacher, e, s) for e, s in zip(env.examples, spans)]
+    assert got["teacher_nll"] == pytest.approx(want, rel=1e-5)
+    want = [hand_kl(teacher, model, e, s) for e, s in zip(env.examples, spans)]
+    assert got["kd_gap"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def count_forwards(model, monkeypatch) -> list[int]:
+    """Count calls of `model.forward` (a one-element list, updated in place)."""
+    calls = [0]
+    inner = model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+def test_score_batch_runs_the_teacher_once(env, student, teacher, monkeypatch):
+    """All four signals plus the cache: one teacher forward, one scorer forward besides
+    generation (rouge's greedy decoding runs the scorer step by step)."""
+    t_calls = count_forwards(teacher, monkeypatch)
+    out = score_batch(
+        env.examples,
+        env.references,
+        signals=ALL,
+        scorer=student,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+        topk=3,
+        cache_taus=[1.0, 2.0],
+    )
+    assert t_calls == [1]
+    assert set(out.signals) == set(ALL) and len(out.cache) == len(env.examples)
+    s_calls = count_forwards(student, monkeypatch)
+    score_batch(
+        env.examples,
+        env.references,
+        signals=["nll", "teacher_nll", "kd_gap"],
+        scorer=student,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+        topk=3,
+        cache_taus=[1.0, 2.0],
+    )
+    assert t_calls == [2] and s_calls == [1]
+
+
+def test_a_teacher_scorer_reuses_the_teachers_forward(env, teacher, monkeypatch):
+    calls = count_forwards(teacher, monkeypatch)
+    out = score_batch(
+        env.examples,
+        env.references,
+        signals=["nll", "teacher_nll"],
+        scorer=teacher,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+        topk=2,
+        cache_taus=[1.0],
+    )
+    assert calls == [1]
+    assert out.signals["nll"] == out.signals["teacher_nll"]
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_cache_rows_equal_a_direct_computation(env, student, teacher, k):
+    """Each example's cache row, computed alone (no padding) from the definition."""
+    taus = [0.5, 1.0, 4 / 3, 2.0]
+    got = score_batch(
+        env.examples,
+        env.references,
+        signals=["nll"],
+        scorer=student,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+        topk=k,
+        cache_taus=taus,
+    ).cache
+    for example, (ids, logprobs, tail) in zip(env.examples, got, strict=True):
+        r = len(example.input_ids) - example.prompt_length  # every response token, EOS too
+        assert ids.shape == logprobs.shape == (r, k) and tail.shape == (r, len(taus))
+        assert (ids.dtype, logprobs.dtype, tail.dtype) == (np.int32, np.float16, np.float32)
+        with torch.no_grad():
+            z = teacher(input_ids=torch.tensor([example.input_ids])).logits[0].double()
+        logp = torch.log_softmax(z[example.prompt_length - 1 : -1], dim=-1)
+        want_vals, want_ids = logp.topk(k, dim=-1)
+        assert (ids == want_ids.numpy()).all()
+        np.testing.assert_allclose(logprobs.astype(np.float64), want_vals.numpy(), rtol=1e-3,
+                                   atol=1e-3)  # fmt: skip
+        outside = torch.ones_like(logp, dtype=torch.bool).scatter(-1, want_ids, False)
+        want_tail = torch.stack(
+            [torch.logsumexp((logp / t).masked_fill(~outside, -torch.inf), -1) for t in taus], -1
+        )
+        np.testing.assert_allclose(tail, want_tail.numpy(), rtol=1e-4, atol=1e-4)
+        # top-K mass + tail mass = 1 at T = 1
+        total = np.logaddexp(
+            np.logaddexp.reduce(logprobs.astype(np.float64), axis=1), tail[:, taus.index(1.0)]
+        )
+        np.testing.assert_allclose(total, 0.0, atol=2e-3)
+
+
+def test_cache_of_the_whole_vocabulary_has_an_empty_tail(env, student, teacher):
+    v = teacher.config.vocab_size
+    (ids, logprobs, tail), *_ = score_batch(
+        env.examples[:1],
+        env.references[:1],
+        signals=["nll"],
+        scorer=student,
+        teacher=teacher,
+        tokenizer=env.tok,
+        max_new_tokens=4,
+        topk=v,
+        cache_taus=[1.0, 2.0],
+    ).cache
+    assert ids.shape[1] == v and np.isneginf(tail).all()
+    assert (np.sort(ids, axis=1) == np.arange(v)).all()
 
 
 def test_score_batch_only_requested_signals(env, student):
@@ -152,7 +320,8 @@ def test_score_batch_only_requested_signals(env, student):
         tokenizer=env.tok,
         max_new_tokens=4,
     )
-    assert list(out) == ["nll"] and len(out["nll"]) == len(env.examples)
+    assert list(out.signals) == ["nll"] and len(out.signals["nll"]) == len(env.examples)
+    assert out.cache is None
 
 
 @pytest.mark.parametrize("signal", ["teacher_nll", "kd_gap"])
@@ -166,4 +335,19 @@ def test_teacher_signals_need_a_teacher(env, student, signal):
             teacher=None,
             tokenizer=env.tok,
             max_new_tokens=4,
+        )
+
+
+def test_the_cache_needs_a_teacher(env, student):
+    with pytest.raises(ValueError, match="top-K cache"):
+        score_batch(
+            env.examples,
+            env.references,
+            signals=["nll"],
+            scorer=student,
+            teacher=None,
+            tokenizer=env.tok,
+            max_new_tokens=4,
+            topk=2,
+            cache_taus=[1.0],
         )

@@ -51,9 +51,9 @@ def env(task_records, task_tok):
     return SimpleNamespace(tok=tok, examples=examples, pad=tok.pad_token_id)
 
 
-def tiny(env, arch: str = "gpt2", seed: int = 0):
+def tiny(env, arch: str = "gpt2", seed: int = 0, dropout: float | None = None):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2)
+    cfg = ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, dropout=dropout)
     return build_tiny(cfg, env.tok, MAX_LEN)
 
 
@@ -228,6 +228,37 @@ def position(lr_mult: float, tau: float = 2.0, kd_ratio: float = 0.7) -> curricu
     )
 
 
+def test_make_optimizer_decays_matrices_only(env):
+    model = tiny(env, "llama")
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.01))
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.01 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) not in decay}
+    assert names and all(("norm" in n or n.endswith(".bias")) for n in names)  # no decay
+    assert "model.embed_tokens.weight" not in names
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_run_curriculum_trains_with_dropout_from_a_seeded_rng(env, teacher, split64, dropout):
+    """The plain loop trains in train mode (dropout on when the model has it), with its RNG
+    seeded from run.seed: two runs give the same log, and dropout changes the losses."""
+    cfg = make_cfg(interval=1, num_stages=1)
+    runs = []
+    for _ in range(2):
+        student = tiny(env, "gpt2", dropout=dropout)
+        student.eval()  # as transformers hands a loaded model over
+        torch.manual_seed(999 + len(runs))  # whatever the caller's RNG held
+        rows = run_curriculum(student, teacher, split64.examples, split64.ranks, cfg,
+                              pad_id=env.pad)  # fmt: skip
+        runs.append([r["loss"] for r in rows])
+        assert student.training
+    assert runs[0] == runs[1]
+    if dropout:
+        without = run_curriculum(tiny(env, "gpt2"), teacher, split64.examples, split64.ranks,
+                                 cfg, pad_id=env.pad)  # fmt: skip
+        assert [r["loss"] for r in without] != runs[0]
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_train_step_sets_lr_and_updates_only_the_student(env, frozen):
     student = tiny(env, "gpt2")
@@ -255,7 +286,7 @@ def test_train_step_sets_lr_and_updates_only_the_student(env, frozen):
         grad_clip=1.0,
     )
 
-    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3)]
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3)] * 2
     assert res.loss == pytest.approx(expected.item(), rel=1e-5)
     assert res.tokens == tokens
     assert res.grad_norm > 0
