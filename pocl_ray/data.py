@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +116,35 @@ class TokenizedExample:
     prompt_length: int
     prompt_truncated: bool
     response_truncated: bool
+
+
+EXAMPLE_COLUMNS = ("sample_id", "input_ids", "labels", "prompt_length", "response_truncated")
+"""The columns a row needs to become a TokenizedExample (tables, Ray datasets)."""
+
+
+def example_row(e: TokenizedExample) -> dict[str, Any]:
+    """The row form of an example (`EXAMPLE_COLUMNS`), for tables and Ray datasets."""
+    return {
+        "sample_id": e.sample_id,
+        "input_ids": list(e.input_ids),
+        "labels": list(e.labels),
+        "prompt_length": e.prompt_length,
+        "response_truncated": e.response_truncated,
+    }
+
+
+def example_from_row(row: Mapping[str, Any]) -> TokenizedExample:
+    """The one row -> example conversion: a table, pandas or Ray row with the columns of
+    `example_row` (numpy values become Python ints; a row without `response_truncated`,
+    e.g. the scores table, counts as not cut)."""
+    return TokenizedExample(
+        sample_id=str(row["sample_id"]),
+        input_ids=[int(t) for t in row["input_ids"]],
+        labels=[int(t) for t in row["labels"]],
+        prompt_length=int(row["prompt_length"]),
+        prompt_truncated=False,
+        response_truncated=bool(row.get("response_truncated", False)),
+    )
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pocl_ray.config import ModelConfig, TokenizerConfig
+from pocl_ray.config import ModelConfig
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -55,19 +55,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     )
 
 
-def load_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig) -> PreTrainedTokenizerFast:
-    """Load a pretrained tokenizer (the tokenizer's own path, else the model's)."""
-    name = cfg.name_or_path or model_cfg.name_or_path
-    if name is None:
-        raise ValueError(
-            "tokenizer.name_or_path and the model's name_or_path are both null: "
-            "train one with train_tokenizer() or give a path"
-        )
-    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """A tokenizer from a folder (a pretrained model's, or the one `train_tokenizer` saved)
+    or a hub name. Without a pad token it pads with EOS (GPT-2 style; masks keep it harmless)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {name!r} has no eos_token; set one in its config")
+        raise ValueError(f"tokenizer {path!s} has no eos_token; set one in its config")
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # common for GPT-2 style models; masks keep it harmless
+        tok.pad_token = tok.eos_token
     return tok
 
 

@@ -14,108 +14,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 from transformers.utils import logging as hf_logging
 
-from pocl_ray import curriculum, difficulty, models, report, tasks
+from pocl_ray import artifacts, curriculum, difficulty, models, report
 from pocl_ray.config import Config, load_config, save_resolved
-from pocl_ray.data import LoadResult, Record, load_records, split_train_eval, tokenize_records
 from pocl_ray.evaluation import generate, new_token_budget, score_predictions
+from pocl_ray.loop import run_curriculum
+from pocl_ray.run_dir import RunDir
+from pocl_ray.scores import spearman
 from pocl_ray.signals import score_batch
-from pocl_ray.train_step import run_curriculum, sft
 
 log = logging.getLogger("pocl_ray.plain")
-
-
-def load_task_records(cfg: Config, out: Path) -> LoadResult:
-    """Read the configured data through the core loader; builtin tasks are written first."""
-    source = cfg.data.source
-    if source == "builtin":
-        source = tasks.write_jsonl(
-            tasks.generate(cfg.data.builtin_size, cfg.run.seed), out / "data" / "tasks.jsonl"
-        )
-    return load_records(
-        source,
-        format=cfg.data.format,
-        split=cfg.data.split,
-        limit=cfg.data.limit,
-        on_bad_record=cfg.data.on_bad_record,
-        rejects_path=out / "rejects.jsonl",
-    )
-
-
-def get_tokenizer(cfg: Config, train: list[Record], out: Path):
-    """The configured pretrained tokenizer, or one trained on the training split and saved."""
-    if cfg.tokenizer.name_or_path or cfg.teacher.name_or_path:
-        return models.load_tokenizer(cfg.tokenizer, cfg.teacher)
-    path = out / "tokenizer"
-    if (path / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    texts = [r.prompt + r.references[0] for r in train]
-    tok = models.train_tokenizer(texts, cfg.tokenizer.vocab_size)
-    tok.save_pretrained(str(path))
-    return tok
-
-
-def get_teacher(cfg: Config, tok, train_ex, out: Path) -> torch.nn.Module:
-    """A pretrained teacher, or the demo teacher: reused from `out/teacher` or trained by SFT."""
-    if cfg.teacher.name_or_path:
-        return models.freeze_teacher(models.load_pretrained(cfg.teacher.name_or_path, cfg.teacher))
-    path = out / "teacher"
-    if (path / "config.json").exists():
-        log.info("teacher: reusing %s", path)
-        return models.freeze_teacher(models.load_pretrained(path, cfg.teacher))
-    torch.manual_seed(cfg.run.seed)
-    teacher = models.build_tiny(cfg.teacher, tok, cfg.data.max_length)
-    log.info(
-        "teacher: none in %s yet; training a tiny one by SFT (%d params, %d epochs)",
-        path,
-        models.count_parameters(teacher),
-        cfg.sft.epochs,
-    )
-    run_sft(
-        cfg,
-        teacher,
-        train_ex,
-        tok,
-        epochs=cfg.sft.epochs,
-        on_epoch=lambda e, loss: log.info("teacher SFT epoch %d: loss %.4f", e + 1, loss),
-    )
-    models.save_model(teacher, tok, path)
-    return models.freeze_teacher(teacher)
-
-
-def run_sft(cfg: Config, model, examples, tok, *, epochs: int, on_epoch=None) -> list[float]:
-    """The core `sft` with the run's `sft.lr`, `sft.batch_size` and seed."""
-    return sft(
-        model,
-        examples,
-        epochs=epochs,
-        lr=cfg.sft.lr,
-        batch_size=cfg.sft.batch_size,
-        pad_id=tok.pad_token_id,
-        seed=cfg.run.seed,
-        on_epoch=on_epoch,
-    )
-
-
-def new_student(cfg: Config, tok) -> torch.nn.Module:
-    """The student's starting checkpoint: pretrained, or tiny with a seeded init."""
-    if cfg.student.name_or_path:
-        return models.load_pretrained(cfg.student.name_or_path, cfg.student)
-    torch.manual_seed(cfg.run.seed + 1)
-    return models.build_tiny(cfg.student, tok, cfg.data.max_length)
-
-
-def starting_student(cfg: Config, tok, train_ex) -> torch.nn.Module:
-    """`new_student`, then `sft.student_epochs` of SFT for a tiny one (its starting checkpoint)."""
-    student = new_student(cfg, tok)
-    if cfg.student.name_or_path is None and cfg.sft.student_epochs:
-        log.info("student: %d epochs of SFT for its starting checkpoint", cfg.sft.student_epochs)
-        run_sft(cfg, student, train_ex, tok, epochs=cfg.sft.student_epochs)
-    return student
 
 
 def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.DataFrame:
@@ -173,7 +82,7 @@ def evaluate(model, tok, records, examples, cfg: Config) -> dict[str, float]:
 def distil(cfg: Config, mode: str, init_state, tok, teacher, train_ex, ranks, out: Path):
     """Distil a copy of the initial student with curriculum `mode`; log per step to JSONL."""
     run_cfg = replace(cfg, curriculum=replace(cfg.curriculum, mode=mode))
-    student = new_student(cfg, tok)
+    student = artifacts.new_student(cfg, tok)
     student.load_state_dict(init_state)
     plan = curriculum.stage_table(
         run_cfg.curriculum,
@@ -205,33 +114,25 @@ def distil(cfg: Config, mode: str, init_state, tok, teacher, train_ex, ranks, ou
     return student
 
 
-def spearman(a, b) -> float:
-    return float(pd.Series(a).rank().corr(pd.Series(b).rank()))
-
-
 def run_plain(cfg: Config) -> pd.DataFrame:
     """The whole plain pipeline; returns (and prints) the comparison table."""
     t_start = time.perf_counter()
     hf_logging.disable_progress_bar()  # per-shard bars are noise for tiny models
     out = Path(cfg.run.output_dir)
+    run = RunDir(out)
     save_resolved(cfg, out)
-    loaded = load_task_records(cfg, out)
-    train, held = split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
+    inputs = artifacts.read_inputs(cfg, run)
+    train, held = inputs.train, inputs.held
     log.info(
         "data: %d read, %d accepted, %d rejected; %d train / %d held out",
-        loaded.n_read,
-        loaded.n_accepted,
-        len(loaded.rejected),
-        len(train),
-        len(held),
+        *(inputs.counts[k] for k in ("read", "accepted", "rejected", "train", "held_out")),
     )
-    tok = get_tokenizer(cfg, train, out)
-    lengths = dict(max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
-    train_ex = tokenize_records(train, tok, **lengths).examples
-    held_ex = tokenize_records(held, tok, **lengths).examples
-    teacher = get_teacher(cfg, tok, train_ex, out)
+    tok = artifacts.tokenizer(cfg, run, train)
+    train_ex = artifacts.tokenize(cfg, tok, train)
+    held_ex = artifacts.tokenize(cfg, tok, held)
+    teacher = artifacts.teacher(cfg, run, tok, train_ex)
 
-    init = starting_student(cfg, tok, train_ex)
+    init = artifacts.starting_student(cfg, tok, train_ex)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
     scorer = teacher if cfg.scoring.scorer == "teacher" else init
     t0 = time.perf_counter()

@@ -1,23 +1,20 @@
-"""Ray Train adapter: the distillation worker function, its curriculum data, its checkpoints.
+"""Ray Train adapter: the stage datasets, the distill and SFT worker functions, checkpoints,
+and the one TorchTrainer build. Ray-specific lines are marked `# ray:`.
 
-The maths lives in the core: the plan, the batches of every step and which rank gets which
-rows (`curriculum`), the step itself (`train_step.train_step`), the losses (`losses`). This
-module moves rows to workers, wires DDP, and saves / restores the run. Ray-specific lines are
-marked `# ray:`.
+The maths lives in the core: the plan, the rows of every step and which rank gets which
+(`curriculum`), the stage loop (`loop.train_stage`, the plain loop's own), the step
+(`train_step`). This module moves rows to workers, wires DDP, and saves / restores the run.
 
 Data path (driver side, `stage_datasets`): for every stage s and rank r, a Ray dataset of the
 rows rank r trains on in stage s, in training order: the core `stage_batches` gives the global
 batch of every planned step (each epoch reshuffled from (seed, stage, epoch)), `worker_share`
 cuts it between the ranks, and a `map_batches` task cuts those rows out of the scores table,
 which sits once in the object store. Each row carries its step and slot, so a worker groups
-rows into steps exactly, and a resumed worker skips the steps already taken. With one worker
-and the same seed, the worker sees exactly the batches of the plain loop (`run_curriculum`).
-The split is the plan's, not `streaming_split`'s: which rank trains on which row must not depend
-on scheduling, or a resumed run could not continue exactly.
+rows into steps exactly, and a resumed worker skips the steps already taken. The split is the
+plan's, not `streaming_split`'s: which rank trains on which row must not depend on
+scheduling, or a resumed run could not continue exactly.
 
-Worker side (`train_fn`): rebuilds the config (the one place a worker does), loads the student
-and the frozen teacher, restores the latest checkpoint if there is one, wraps the student with
-`prepare_model` (DDP: gloo on CPU, NCCL on GPU) and runs the curriculum from the saved position.
+Worker side (`train_fn`): restore -> stages -> save (docs/distill.md).
 """
 
 from __future__ import annotations
@@ -30,7 +27,8 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,29 +44,95 @@ import torch.distributed as dist
 
 from pocl_ray import curriculum, models
 from pocl_ray.config import Config, from_dict, to_dict
-from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate
-from pocl_ray.train_step import (
-    TOPK_CACHE,
-    DataParallel,
-    make_optimizer,
-    mean_ce,
-    on_policy_spec,
-    response_tokens,
+from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, example_from_row
+from pocl_ray.loop import (
+    Hooks,
+    StageProgress,
+    Step,
+    log_row,
     seed_training,
-    topk_targets,
-    train_step,
+    sft,
+    train_stage,
 )
+from pocl_ray.run_dir import changes
+from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS
+from pocl_ray.train_step import DataParallel, make_optimizer, topk_targets
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 CKPT_PREFIX = "ckpt_"
 DEV_DATASET = "dev"
-TRAIN_COLUMNS = ["sample_id", "prompt_length", "input_ids", "labels", "bucket"]
-TOPK_COLUMNS = list(TOPK_CACHE)
-"""The scores table's top-K cache columns (ids, log-probs, tail log-partitions)."""
+CONTROLLER_FAILURE_LIMIT = 2
+"""Ray Train controller failures tolerated (its default, -1, retries forever)."""
 
 
 def stage_dataset_name(stage: int, rank: int) -> str:
     return f"stage_{stage}_rank_{rank}"
+
+
+# ---------------------------------------------------------------- the one TorchTrainer build
+
+
+def build_trainer(
+    fn: Callable[[dict], None],
+    loop_config: dict,
+    cfg: Config,
+    *,
+    name: str,
+    datasets: dict[str, ray.data.Dataset],
+    plan_sharded: bool,
+    max_failures: int,
+    keep_checkpoints: int | None = None,
+    callbacks: Sequence[Any] = (),
+) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of every Train job (distill, SFT, Tune trials).
+
+    loop_config: {"config": to_dict(cfg), ...}: the one place the config crosses into workers.
+    plan_sharded: every dataset is already one rank's rows in plan order (distill), so Train
+        must neither split nor reorder them; otherwise Train splits "train" between workers.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    resources = dict(cfg.scaling.resources_per_worker)
+    if plan_sharded:
+        data_config = ray.train.DataConfig(  # ray:
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        )
+    else:
+        data_config = ray.train.DataConfig()
+    return TorchTrainer(
+        fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources or None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks) or None,
+            # print() stays print(): Ray Train's print-to-logger patch shows each line twice
+            worker_runtime_env={
+                "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
+            },
+        ),
+        datasets=datasets,
+        dataset_config=data_config,
+    )
+
+
+def threads_per_worker(cfg: Config) -> int:
+    """torch threads for a worker: floor of its CPUs (at least 1); 0 = leave it (local mode,
+    the loop runs in the driver)."""
+    if cfg.scaling.num_workers == 0:
+        return 0
+    return max(1, math.floor(cfg.scaling.resources_per_worker.get("CPU", 1.0)))
 
 
 # ---------------------------------------------------------------- driver side: the stage data
@@ -94,7 +158,7 @@ def stage_datasets(
     """One lazy dataset per (stage, rank): the rows that rank trains on, step by step.
 
     Args:
-        table: object ref of the training table (`TRAIN_COLUMNS`, row i = table row i).
+        table: object ref of the training table (`scores.training_table`, row i = table row i).
         plan, subsets: the core plan and stage subsets (row indices into the table).
         seed, shuffle: as for `curriculum.epoch_order`.
         batch_size: per-worker batch; the plan's global batch is batch_size · world_size.
@@ -142,18 +206,14 @@ def quiet(ctx: ray.data.DataContext) -> None:
     ctx.print_on_execution_start = False
 
 
-def dev_dataset(examples: Sequence[TokenizedExample]) -> ray.data.Dataset:
-    """The held-out examples for the plateau trigger (every worker reads all of them)."""
-    ds = ray.data.from_pandas(
-        pd.DataFrame(
-            {
-                "sample_id": [e.sample_id for e in examples],
-                "prompt_length": [e.prompt_length for e in examples],
-                "input_ids": [list(e.input_ids) for e in examples],
-                "labels": [list(e.labels) for e in examples],
-            }
-        )
-    )
+def examples_dataset(examples: Sequence[TokenizedExample]) -> ray.data.Dataset:
+    """Examples as a Ray dataset (the plateau trigger's dev split; the SFT rows)."""
+    rows = [
+        {"sample_id": e.sample_id, "input_ids": list(e.input_ids), "labels": list(e.labels),
+         "prompt_length": e.prompt_length}
+        for e in examples
+    ]  # fmt: skip
+    ds = ray.data.from_pandas(pd.DataFrame(rows))
     quiet(ds.context)
     return ds
 
@@ -175,19 +235,6 @@ def run_settings(cfg: Config, *, n: int, world_size: int, table_key: dict[str, A
         "optim": c["optim"],
         "student_dropout": cfg.student.dropout,
     }
-
-
-def settings_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Every leaf that differs between two settings dicts, as 'key: old -> new'."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_changes(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
 
 
 def settings_key(settings: dict) -> str:
@@ -230,14 +277,50 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(
-    *,
-    rank: int,
-    student: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict,
-    metrics: dict,
-) -> None:
+def position(plan, stage: int, step_in_stage: int, global_step: int, samples: int) -> dict:
+    """The saved curriculum position: the next step to take."""
+    done = stage >= len(plan)
+    spe = 1 if done else plan[stage].steps_per_epoch
+    return {
+        "stage": stage,
+        "epoch": step_in_stage // spe,
+        "step_in_epoch": step_in_stage % spe,
+        "step_in_stage": step_in_stage,
+        "global_step": global_step,
+        "samples_consumed": samples,
+        "steps_before_stage": global_step - step_in_stage,
+        "done": done,
+    }
+
+
+@dataclass(kw_only=True)
+class Restored:
+    """What a checkpoint gives back besides the weights and RNG (already loaded)."""
+
+    state: dict
+    optimizer: dict
+
+
+def _restore(job: dict, student: torch.nn.Module, rank: int) -> Restored | None:
+    """Load the latest reported checkpoint into the student and the RNG; None on a fresh run."""
+    ckpt = ray.train.get_checkpoint()  # ray: the latest reported checkpoint, on any restart
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = read_state(Path(d))
+        if state["settings_key"] != job["settings_key"]:
+            raise RuntimeError(
+                "the checkpoint was written with other settings: "
+                + "; ".join(changes(state["settings"], job["settings"]))
+            )
+        safetensors.torch.load_model(student, str(Path(d) / "student.safetensors"))
+        optimizer = torch.load(Path(d) / "optimizer.pt", weights_only=True)
+        _set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
+    state["checkpoint"] = ckpt.path
+    return Restored(state=state, optimizer=optimizer)
+
+
+def _save_checkpoint(*, rank: int, student, optimizer, state: dict, metrics: dict) -> None:
     """Every rank reports one folder (Ray merges them): rank 0 adds weights, optimizer and
     state; each rank adds its RNG states."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,7 +354,7 @@ class StepRows:
     """
 
     def __init__(self, shard, *, start: int, cached: bool, batch_size: int):
-        columns = TRAIN_COLUMNS + (TOPK_COLUMNS if cached else [])
+        columns = [*TRAIN_COLUMNS, "bucket", *(TOPK_CACHE if cached else ())]
         self._batches = iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
         self._rows: Iterator[dict] = self._unpack(columns)
         self._next: dict | None = None
@@ -325,63 +408,32 @@ def _column(col: pa.ChunkedArray) -> list:
     return col.to_pylist()
 
 
-def _batch(
-    rows: list[dict], pad_id: int, cache_taus: list[float] | None, device: torch.device
-) -> dict:
-    """Collate a rank's rows; a rank with no rows this step gets one all-masked row, so it
-    still runs forward and backward with DDP (with zero tokens and zero loss).
+EMPTY_ROW = TokenizedExample(
+    sample_id="", input_ids=[0, 0], labels=[IGNORE_INDEX] * 2, prompt_length=2,
+    prompt_truncated=False, response_truncated=False,
+)  # fmt: skip
+"""What a rank with no rows this step trains on: all masked, so it still runs forward and
+backward with DDP, with zero tokens and zero loss."""
 
-    cache_taus: the cache's grid (scoring.cache_taus) when the teacher is the table's top-K
-    cache (`topk_targets`), None when it is not."""
-    examples = [
-        TokenizedExample(
-            sample_id=r["sample_id"],
-            input_ids=r["input_ids"],
-            labels=r["labels"],
-            prompt_length=r["prompt_length"],
-            prompt_truncated=False,
-            response_truncated=False,
-        )
-        for r in rows
-    ] or [
-        TokenizedExample(
-            sample_id="",
-            input_ids=[pad_id, pad_id],
-            labels=[IGNORE_INDEX, IGNORE_INDEX],
-            prompt_length=2,
-            prompt_truncated=False,
-            response_truncated=False,
-        )
-    ]
+
+def _step(rows: list[dict], pad_id: int, cache_taus: list[float] | None, device) -> Step:
+    """A rank's rows of one step as a `loop.Step`; cache_taus: the cache's grid
+    (scoring.cache_taus) when the teacher is the table's top-K cache, else None."""
+    examples = [example_from_row(r) for r in rows] or [EMPTY_ROW]
     batch = collate(examples, pad_id)
     if cache_taus is not None:
         empty = (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16))
-        cache = [tuple(r[c] for c in TOPK_COLUMNS) for r in rows] or [
+        cache = [tuple(r[c] for c in TOPK_CACHE) for r in rows] or [
             (*empty, np.zeros((0, len(cache_taus)), np.float32))
         ]
         batch.update(topk_targets(batch["labels"], cache, cache_taus))
-    return {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return Step(batch=batch, buckets=[int(r["bucket"]) for r in rows])
 
 
-def _dev_examples(shard) -> list[TokenizedExample]:
-    out = []
-    for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-        cols = {c: batch.column(c).to_pylist() for c in batch.column_names}
-        for i in range(batch.num_rows):
-            out.append(
-                TokenizedExample(
-                    sample_id=cols["sample_id"][i],
-                    input_ids=cols["input_ids"][i],
-                    labels=cols["labels"][i],
-                    prompt_length=cols["prompt_length"][i],
-                    prompt_truncated=False,
-                    response_truncated=False,
-                )
-            )
-    return out
-
-
-# ---------------------------------------------------------------- worker side: collectives
+def _shard_examples(name: str) -> list[TokenizedExample]:
+    shard = ray.train.get_dataset_shard(name)  # ray:
+    return [example_from_row(r) for r in shard.iter_rows()]
 
 
 def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
@@ -412,9 +464,10 @@ class RunLog:
     restart itself is recorded in events.jsonl.
     """
 
-    def __init__(self, out: Path, *, resume_step: int | None):
+    def __init__(self, out: Path, *, resume_step: int | None, num_stages: int):
         from tensorboardX import SummaryWriter
 
+        self.num_stages = num_stages
         out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out / "metrics.jsonl"
         self.events_path = out / "events.jsonl"
@@ -449,9 +502,26 @@ class RunLog:
                 self.tb.add_scalar(f"stage_loss/bucket_{b['bucket']}", b["loss"], last["stage"])
         self.tb.add_scalar("stage/loss", last["loss"], last["stage"])
         self.tb.flush()
+        print(stage_line(last, self.num_stages), flush=True)
 
     def close(self) -> None:
         self.tb.close()
+
+
+class NullLog:
+    """The log of ranks other than 0: they write nothing."""
+
+    def step(self, row: dict) -> None:
+        pass
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def stages(self, summaries: list[dict]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def stage_line(summary: dict, num_stages: int) -> str:
@@ -469,69 +539,203 @@ def stage_line(summary: dict, num_stages: int) -> str:
     )
 
 
-# ---------------------------------------------------------------- worker side: the loop
+# ---------------------------------------------------------------- the distill worker
 
 
-def _new_progress(num_buckets: int) -> dict:
-    """Per-stage sums (across ranks once reduced): what the stage summary is made of."""
-    return {
-        "sums": [0.0] * 7,  # loss·tokens, ce·tokens, kd·tokens, tokens, rows, on-policy steps, s
-        "bucket_loss": [0.0] * num_buckets,
-        "bucket_tokens": [0.0] * num_buckets,
-        "bucket_rows": [0.0] * num_buckets,
-    }
+class Worker:
+    """One rank's run: its place in the cluster, its models, its position in the plan, its
+    log; the per-step bookkeeping the stage loop calls back (`hooks`)."""
+
+    def __init__(self, cfg: Config, job: dict):
+        ctx = ray.train.get_context()  # ray:
+        self.cfg, self.job = cfg, job
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()  # ray:
+        self.plan = curriculum.stage_table(
+            cfg.curriculum,
+            n=job["n"],
+            batch_size=cfg.optim.batch_size * self.world,
+            loss_alpha=cfg.loss.alpha,
+        )
+        self.cached = cfg.loss.teacher_source == "cache"
+        self.started = time.perf_counter()
+        self.steps_run = 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return _all_sum(values, self.world, self.device)
+
+    def load_models(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """The starting student and, unless the cache or λ = 0 makes it useless, the frozen
+        teacher (half precision on a GPU)."""
+        cfg = self.cfg
+        student = models.load_pretrained(self.job["student_init"], cfg.student)
+        if self.cached or not any(p.kd_ratio > 0 for p in self.plan):
+            return student, None
+        teacher = models.freeze_teacher(models.load_pretrained(self.job["teacher"], cfg.teacher))
+        teacher.to(self.device)
+        if self.device.type == "cuda" and cfg.teacher.dtype == "float32":  # frozen: half is fine
+            teacher.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return student, teacher
+
+    def start(self, restored: Restored | None) -> None:
+        """Position, stage summaries and log from the checkpoint, or fresh."""
+        state = restored.state if restored else None
+        self.position = state["position"] if state else position(self.plan, 0, 0, 0, 0)
+        self.summaries: list[dict] = state["summaries"] if state else []
+        self.global_step = self.position["global_step"]
+        self.samples = self.position["samples_consumed"]
+        self.window = (time.perf_counter(), 0.0)
+        if self.rank != 0:
+            self.log = NullLog()
+            return
+        self.log = RunLog(
+            Path(self.cfg.run.output_dir),
+            resume_step=self.global_step if state else None,
+            num_stages=len(self.plan),
+        )
+        if state:
+            self.log.event("resume", position=self.position, checkpoint=state["checkpoint"],
+                           world_size=self.world)  # fmt: skip
+        else:
+            steps = curriculum.total_steps(self.plan)
+            self.log.event("start", world_size=self.world, plan_steps=steps)
+
+    def hooks(self, stage: int, progress: StageProgress, tracker, save: Callable) -> Hooks:
+        def after_step(pos, res, step: Step, seconds: float) -> None:
+            n_all, ce_sum, kd_sum, kd_tokens, rows_all = self.all_sum(
+                [res.tokens, res.ce * res.tokens, res.kd * res.kd_tokens, res.kd_tokens,
+                 len(step.buckets)]
+            )  # fmt: skip
+            self.global_step += 1
+            self.samples += int(rows_all)
+            self.steps_run += 1
+            t0, tokens = self.window
+            self.window = (t0, tokens + n_all)
+            k = pos.step_in_stage + 1
+            if self.global_step % self.cfg.run.log_every == 0 or k == self.plan[stage].total_steps:
+                self._log(pos, res, step, n_all, ce_sum, kd_sum, kd_tokens, seconds)
+            every = self.cfg.run.checkpoint_every
+            # (the last step of a stage: the stage boundary checkpoints anyway)
+            if every and self.global_step % every == 0 and k < self.plan[stage].total_steps:
+                save(stage, k, progress, tracker, lr=self.cfg.optim.lr * pos.lr_mult,
+                     loss=res.loss)  # fmt: skip
+
+        return Hooks(
+            data_parallel=DataParallel(world_size=self.world, all_sum=self.all_sum),
+            agree=lambda fired: _from_rank0(fired, self.world, self.device),
+            before_step=lambda pos: _maybe_fault(self.job["fault"], pos.global_step, self.rank),
+            after_step=after_step,
+        )
+
+    def _log(self, pos, res, step, n_all, ce_sum, kd_sum, kd_tokens, seconds) -> None:
+        """One metrics row: global token means, each term over its own tokens (as the
+        gradient is); one worker logs its own float32 values, bit for bit the plain loop's."""
+        row = log_row(pos, res, self.cfg.optim.lr, seconds)
+        if self.world > 1:
+            row["ce"] = ce_sum / n_all if n_all else res.ce
+            row["kd"] = kd_sum / kd_tokens if kd_tokens else res.kd
+            row["loss"] = (1 - pos.kd_ratio) * row["ce"] + pos.kd_ratio * row["kd"]
+        now = time.perf_counter()
+        t0, tokens = self.window
+        row.update(
+            tokens=int(n_all),
+            samples=self.samples,
+            tokens_per_s=tokens / max(now - t0, 1e-9),
+            step_seconds=seconds,
+            elapsed_s=now - self.started,
+        )
+        self.window = (now, 0.0)
+        self.log.step(row)
 
 
-def _reduce_progress(progress: dict, world: int, rank: int, device: torch.device) -> dict:
-    """Sum the ranks' stage sums; rank 0 keeps the total, the others restart from 0."""
-    keys = ("sums", "bucket_loss", "bucket_tokens", "bucket_rows")
-    flat = [v for k in keys for v in progress[k]]
-    total = _all_sum(flat, world, device)
-    if rank != 0:
-        total = [0.0] * len(total)
-    out, i = {}, 0
-    for k in keys:
-        out[k] = total[i : i + len(progress[k])]
-        i += len(progress[k])
-    return out
+def train_fn(loop_config: dict) -> None:
+    """The Ray Train distill worker (also run in the driver in local mode): restore ->
+    train the remaining stages -> save.
 
+    loop_config: {"config": to_dict(cfg), "job": plain data from jobs/distill.py (paths,
+    table size, settings and their key, bucket count, eos ids, test fault)}.
+    """
+    cfg = from_dict(loop_config["config"], source="distill worker config")  # the one rebuild
+    job = loop_config["job"]
+    quiet_logs(worker_process=not job["local_mode"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    w = Worker(cfg, job)
+    cur = cfg.curriculum
 
-def _summary(p: curriculum.StagePlan, progress: dict, *, steps: int, ended_by: str) -> dict:
-    loss, ce, kd, tokens, rows, on_policy, seconds = progress["sums"]
-    buckets = [
-        {
-            "bucket": b,
-            "rows": int(progress["bucket_rows"][b]),
-            "tokens": int(progress["bucket_tokens"][b]),
-            "loss": (
-                progress["bucket_loss"][b] / progress["bucket_tokens"][b]
-                if progress["bucket_tokens"][b]
-                else None
-            ),
+    # 1. restore: weights, RNG, optimizer moments, position (or a fresh start)
+    student, teacher = w.load_models()
+    restored = _restore(job, student, w.rank)
+    if restored is None:
+        seed_training(cfg.run.seed, w.rank)
+    student.train()  # transformers loads in eval mode: dropout must be on, as in the plain loop
+    model = ray.train.torch.prepare_model(student)  # ray: DDP when world > 1; to device
+    w.start(restored)
+    if w.position["done"]:
+        if w.rank == 0:
+            print(f"distill: run {cfg.run.name!r} is already complete; nothing to train")
+            _finish(cfg, job, student, w)
+        return
+    optimizer = make_optimizer(student, cfg.optim)
+    resets = curriculum.resets_optimizer(cur.lr_policy)
+    if restored and not (resets and w.position["step_in_stage"] == 0):
+        optimizer.load_state_dict(restored.optimizer)
+    dev = _shard_examples(DEV_DATASET) if cur.plateau_patience else []
+    eos_ids = tuple(dict.fromkeys([*job["eos_ids"], *models.eos_token_ids(student)]))
+    cache_taus = cfg.scoring.cache_taus if w.cached else None
+
+    def save(stage, k, progress, tracker, *, lr, loss) -> None:
+        if k > 0:  # mid-stage: rank 0 keeps the ranks' summed progress in the checkpoint
+            progress.gather(w.all_sum, keep=w.rank == 0)
+        state = {
+            "format": STATE_FORMAT,
+            "settings_key": job["settings_key"],
+            "settings": job["settings"],
+            "position": position(w.plan, stage, k, w.global_step, w.samples),
+            "lr_scheduler": {"policy": cur.lr_policy, "last_lr": lr},  # LR = f(position)
+            "plateau": None if tracker is None else tracker.state_dict(),
+            "progress": progress.state_dict(),
+            "summaries": w.summaries,
         }
-        for b in range(len(progress["bucket_rows"]))
-    ]
-    return {
-        "stage": p.stage,
-        "size": p.size,
-        "fraction": p.fraction,
-        "tau": p.tau,
-        "kd_ratio": p.kd_ratio,
-        "alpha": p.alpha,
-        "planned_steps": p.total_steps,
-        "steps": steps,
-        "epochs": steps / p.steps_per_epoch,
-        "ended_by": ended_by,
-        "samples": int(rows),
-        "tokens": int(tokens),
-        "loss": loss / tokens if tokens else float("nan"),
-        "ce": ce / tokens if tokens else float("nan"),
-        "kd": kd / tokens if tokens else float("nan"),
-        "on_policy_steps": int(on_policy),
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "buckets": buckets,
-    }
+        _save_checkpoint(rank=w.rank, student=student, optimizer=optimizer, state=state,
+                         metrics={"step": w.global_step, "stage": stage, "loss": loss})  # fmt: skip
+        w.log.event("checkpoint", global_step=w.global_step, stage=stage)
+
+    # 2. the remaining stages, each from its first step (or the restored one)
+    for stage in range(w.position["stage"], len(w.plan)):
+        start = w.position["step_in_stage"] if stage == w.position["stage"] else 0
+        fresh = StageProgress(num_buckets=job["num_buckets"])
+        progress, tracker = fresh, None
+        if start and restored and w.rank == 0:
+            progress = StageProgress.from_state(restored.state["progress"])
+        if cur.plateau_patience:
+            tracker = curriculum.PlateauTracker(cur.plateau_patience)
+            if start and restored:
+                tracker.load_state_dict(restored.state["plateau"])
+        if start == 0 and stage > 0 and resets:
+            optimizer = make_optimizer(student, cfg.optim)
+        rows = StepRows(ray.train.get_dataset_shard(stage_dataset_name(stage, w.rank)),  # ray:
+                        start=start, cached=w.cached, batch_size=cfg.optim.batch_size)  # fmt: skip
+        steps, ended_by = train_stage(
+            model, student, teacher, optimizer,
+            lambda k, rows=rows: _step(rows.take(k), job["pad_id"], cache_taus, w.device),
+            cfg=cfg, plan=w.plan, stage=stage, start=start,
+            steps_before=w.global_step - start, progress=progress, tracker=tracker, dev=dev,
+            pad_id=job["pad_id"], eos_ids=eos_ids, hooks=w.hooks(stage, progress, tracker, save),
+        )  # fmt: skip
+        rows.close()
+        w.summaries.append(
+            progress.reduced(w.all_sum).summary(w.plan[stage], steps=steps, ended_by=ended_by)
+        )
+        w.log.stages(w.summaries)
+        w.log.event("stage_end", stage=stage, steps=steps, ended_by=ended_by)
+        # the next stage starts here (a plateau in the last stage ends training, as planned)
+        save(stage + 1, 0, StageProgress(num_buckets=job["num_buckets"]), None, lr=None,
+             loss=w.summaries[-1]["loss"])  # fmt: skip
+
+    # 3. save: the student as a Hugging Face folder, the summary
+    if w.rank == 0:
+        _finish(cfg, job, student, w)
 
 
 def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
@@ -546,285 +750,12 @@ def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _position(plan, stage: int, step_in_stage: int, global_step: int, samples: int) -> dict:
-    """The saved curriculum position: the next step to take."""
-    done = stage >= len(plan)
-    spe = 1 if done else plan[stage].steps_per_epoch
-    return {
-        "stage": stage,
-        "epoch": step_in_stage // spe,
-        "step_in_epoch": step_in_stage % spe,
-        "step_in_stage": step_in_stage,
-        "global_step": global_step,
-        "samples_consumed": samples,
-        "steps_before_stage": global_step - step_in_stage,
-        "done": done,
-    }
-
-
-def train_fn(loop_config: dict) -> None:
-    """The Ray Train worker function (also run in the driver in local mode).
-
-    loop_config: {"config": to_dict(cfg), "job": plain data from jobs/distill.py (paths, table
-    size, settings, bucket count, test fault)}.
-    """
-    cfg = from_dict(loop_config["config"], source="distill worker config")  # the one rebuild
-    job = loop_config["job"]
-    quiet_logs(worker_process=not job["local_mode"])
-    cur, opt = cfg.curriculum, cfg.optim
-    ctx = ray.train.get_context()  # ray:
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if job["threads"]:
-        torch.set_num_threads(job["threads"])
-    device = ray.train.torch.get_device()  # ray:
-    out = Path(cfg.run.output_dir)
-    cached = cfg.loss.teacher_source == "cache"
-    pad_id = job["pad_id"]
-
-    plan = curriculum.stage_table(
-        cur, n=job["n"], batch_size=opt.batch_size * world, loss_alpha=cfg.loss.alpha
-    )
-    min_ratio = opt.min_lr / opt.lr
-    student = models.load_pretrained(job["student_init"], cfg.student)
-    teacher = None
-    if not cached and any(p.kd_ratio > 0 for p in plan):
-        teacher = models.freeze_teacher(models.load_pretrained(job["teacher"], cfg.teacher))
-        teacher.to(device)
-        if device.type == "cuda" and cfg.teacher.dtype == "float32":  # half on GPU: frozen
-            teacher.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-    ckpt = ray.train.get_checkpoint()  # ray: the latest reported checkpoint, on any restart
-    state, saved_opt, rng = None, None, None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = read_state(Path(d))
-            if state["settings_key"] != job["settings_key"]:
-                raise RuntimeError(
-                    "the checkpoint was written with other settings: "
-                    + "; ".join(settings_changes(state["settings"], job["settings"]))
-                )
-            safetensors.torch.load_model(student, str(Path(d) / "student.safetensors"))
-            saved_opt = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            rng = torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True)
-    # transformers loads in eval mode: without this, dropout would be off in every Ray run
-    # while the plain loop trains with it
-    student.train()
-    model = ray.train.torch.prepare_model(student)  # ray: DDP when world > 1; to device
-
-    position = state["position"] if state else _position(plan, 0, 0, 0, 0)
-    summaries: list[dict] = state["summaries"] if state else []
-    log = None
-    if rank == 0:
-        log = RunLog(out, resume_step=position["global_step"] if state else None)
-        if state:
-            log.event("resume", position=position, checkpoint=ckpt.path, world_size=world)
-        else:
-            log.event("start", world_size=world, plan_steps=curriculum.total_steps(plan))
-    if position["done"]:
-        if rank == 0:
-            print(f"distill: run {cfg.run.name!r} is already complete; nothing to train")
-            _finish(cfg, job, student, summaries, log, started=time.perf_counter(), steps=0)
-        return
-
-    optimizer = make_optimizer(student, opt)
-    resets = curriculum.resets_optimizer(cur.lr_policy)
-    if saved_opt is not None and not (resets and position["step_in_stage"] == 0):
-        optimizer.load_state_dict(saved_opt)
-    dev = []
-    if cur.plateau_patience:
-        dev = _dev_examples(ray.train.get_dataset_shard(DEV_DATASET))  # ray:
-    if rng is not None:
-        _set_rng_state(rng)
-    else:
-        seed_training(cfg.run.seed, rank)
-    eos_ids = tuple(dict.fromkeys([*job["eos_ids"], *models.eos_token_ids(student)]))
-    parallel = DataParallel(world_size=world, all_sum=lambda v: _all_sum(v, world, device))
-
-    started = time.perf_counter()
-    steps_run = 0
-    stage, k0 = position["stage"], position["step_in_stage"]
-    global_step, samples = position["global_step"], position["samples_consumed"]
-    tracker = None
-    while stage < len(plan):
-        p = plan[stage]
-        steps_before = global_step - k0
-        if k0 == 0:
-            if stage > 0 and resets:
-                optimizer = make_optimizer(student, opt)
-            progress = _new_progress(job["num_buckets"])
-            tracker = curriculum.PlateauTracker(cur.plateau_patience) if dev else None
-        else:  # restored mid-stage: rank 0 holds the ranks' summed progress so far
-            progress = state["progress"] if rank == 0 else _new_progress(job["num_buckets"])
-            if dev:
-                tracker = curriculum.PlateauTracker(cur.plateau_patience)
-                tracker.load_state_dict(state["plateau"])
-        shard = ray.train.get_dataset_shard(stage_dataset_name(stage, rank))  # ray:
-        rows_of = StepRows(shard, start=k0, cached=cached, batch_size=opt.batch_size)
-        ended_by, window_t, window_tokens = "interval", time.perf_counter(), 0.0
-        k = k0
-        while k < p.total_steps:
-            pos = curriculum.stage_position(
-                plan,
-                stage,
-                k,
-                lr_policy=cur.lr_policy,
-                warmup_steps=opt.warmup_steps,
-                min_lr_ratio=min_ratio,
-                steps_before_stage=steps_before,
-            )
-            _maybe_fault(job.get("fault"), pos.global_step, rank)
-            t0 = time.perf_counter()
-            rows = rows_of.take(k)
-            batch = _batch(rows, pad_id, cfg.scoring.cache_taus if cached else None, device)
-            n_here = response_tokens(batch)
-            seed = curriculum.on_policy_seed(
-                cfg.run.seed, pos.global_step, cfg.loss.on_policy_ratio
-            )
-            res = train_step(
-                model,
-                teacher,
-                optimizer,
-                batch,
-                pos=pos,
-                base_lr=opt.lr,
-                loss=cfg.loss,
-                grad_clip=opt.grad_clip,
-                data_parallel=parallel,
-                per_row=seed is None,
-                on_policy=None
-                if seed is None
-                else on_policy_spec(cfg, seed, pad_id, eos_ids, student),
-            )
-            seconds = time.perf_counter() - t0
-            n_all, ce_sum, kd_sum, kd_tokens, rows_all = _all_sum(
-                [n_here, res.ce * n_here, res.kd * res.kd_tokens, res.kd_tokens, len(rows)],
-                world,
-                device,
-            )
-            sums = progress["sums"]
-            for i, v in enumerate((res.loss * n_here, res.ce * n_here, res.kd * n_here, n_here)):
-                sums[i] += v
-            sums[4] += len(rows)
-            sums[5] += res.on_policy
-            sums[6] += seconds / world  # summed over ranks: the mean step time
-            for r, row in enumerate(rows):
-                b = int(row["bucket"])
-                progress["bucket_rows"][b] += 1
-                if res.row_loss is not None:
-                    progress["bucket_loss"][b] += res.row_loss[r]
-                    progress["bucket_tokens"][b] += res.row_tokens[r]
-            k += 1
-            global_step += 1
-            samples += int(rows_all)
-            steps_run += 1
-            window_tokens += n_all
-            if global_step % cfg.run.log_every == 0 or k == p.total_steps:
-                # global token means, each term over its own tokens (as the gradient is);
-                # one worker logs its own float32 values, bit for bit the plain loop's
-                ce_mean = ce_sum / n_all if world > 1 and n_all else res.ce
-                kd_mean = kd_sum / kd_tokens if world > 1 and kd_tokens else res.kd
-                lam = pos.kd_ratio
-                loss_mean = (1 - lam) * ce_mean + lam * kd_mean if world > 1 else res.loss
-                if log is not None:
-                    now = time.perf_counter()
-                    log.step(
-                        {
-                            "step": pos.global_step,
-                            "stage": stage,
-                            "epoch": pos.epoch,
-                            "step_in_epoch": pos.step_in_epoch,
-                            "step_in_stage": pos.step_in_stage,
-                            "tau": pos.tau,
-                            "kd_ratio": pos.kd_ratio,
-                            "alpha": pos.alpha,
-                            "lr": opt.lr * pos.lr_mult,
-                            "loss": loss_mean,
-                            "ce": ce_mean,
-                            "kd": kd_mean,
-                            "tokens": int(n_all),
-                            "samples": samples,
-                            "on_policy": res.on_policy,
-                            "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                            "step_seconds": seconds,
-                            "elapsed_s": now - started,
-                        }
-                    )
-                    window_t, window_tokens = now, 0.0
-            evaluate = (cur.eval_every and k % cur.eval_every == 0) or (
-                not cur.eval_every and k % p.steps_per_epoch == 0
-            )
-            if tracker is not None and evaluate:
-                fired = tracker.update(mean_ce(student, dev, pad_id))
-                if _from_rank0(fired, world, device):
-                    ended_by = "plateau"
-                    break
-            if cfg.run.checkpoint_every and global_step % cfg.run.checkpoint_every == 0:
-                if k < p.total_steps:  # a stage boundary checkpoints below anyway
-                    reduced = _reduce_progress(progress, world, rank, device)
-                    progress = reduced
-                    _save_checkpoint(
-                        rank=rank,
-                        student=student,
-                        optimizer=optimizer,
-                        state=_state(
-                            job,
-                            _position(plan, stage, k, global_step, samples),
-                            summaries,
-                            progress,
-                            tracker,
-                            lr=opt.lr * pos.lr_mult,
-                        ),  # fmt: skip
-                        metrics={"step": global_step, "stage": stage, "loss": res.loss},
-                    )
-                    if log is not None:
-                        log.event("checkpoint", global_step=global_step, stage=stage)
-        rows_of.close()
-        reduced = _reduce_progress(progress, world, rank, device)
-        summaries.append(_summary(p, reduced, steps=k, ended_by=ended_by))
-        if log is not None:
-            log.stages(summaries)
-            log.event("stage_end", stage=stage, steps=k, ended_by=ended_by)
-            print(stage_line(summaries[-1], len(plan)), flush=True)
-        # next: the following stage (a plateau in the last stage ends training, as planned)
-        stage, k0 = stage + 1, 0
-        _save_checkpoint(
-            rank=rank,
-            student=student,
-            optimizer=optimizer,
-            state=_state(
-                job,
-                _position(plan, stage, 0, global_step, samples),
-                summaries,
-                _new_progress(job["num_buckets"]),
-                None,
-                lr=None,
-            ),  # fmt: skip
-            metrics={"step": global_step, "stage": stage - 1, "loss": summaries[-1]["loss"]},
-        )
-    if rank == 0:
-        _finish(cfg, job, student, summaries, log, started=started, steps=steps_run)
-
-
-def _state(job, position, summaries, progress, tracker, *, lr) -> dict:
-    return {
-        "format": STATE_FORMAT,
-        "settings_key": job["settings_key"],
-        "settings": job["settings"],
-        "position": position,
-        # The LR is a pure function of the position (curriculum.stage_position): this is the
-        # whole LR-scheduler state; next_lr is recorded for people reading the file.
-        "lr_scheduler": {"policy": job["settings"]["curriculum"]["lr_policy"], "last_lr": lr},
-        "plateau": None if tracker is None else tracker.state_dict(),
-        "progress": progress,
-        "summaries": summaries,
-    }
-
-
-def _finish(cfg: Config, job: dict, student, summaries, log, *, started: float, steps: int):
+def _finish(cfg: Config, job: dict, student, w: Worker) -> None:
     """Rank 0: the student as a Hugging Face folder with its tokenizer, and summary.json."""
     out = Path(cfg.run.output_dir)
-    tok = load_tokenizer(cfg, job["tokenizer"])
+    tok = models.load_tokenizer(job["tokenizer"], trust_remote_code=cfg.teacher.trust_remote_code)
     models.save_model(student, tok, out / "student")
+    summaries = w.summaries
     total_tokens = sum(s["tokens"] for s in summaries)
     train_s = sum(s["seconds"] for s in summaries)
     summary = {
@@ -836,15 +767,47 @@ def _finish(cfg: Config, job: dict, student, summaries, log, *, started: float, 
         "final_stage_loss": summaries[-1]["loss"] if summaries else None,
         "train_seconds": train_s,
         "tokens_per_s": total_tokens / train_s if train_s else 0.0,
-        "steps_this_attempt": steps,
-        "seconds_this_attempt": time.perf_counter() - started,
+        "steps_this_attempt": w.steps_run,
+        "seconds_this_attempt": time.perf_counter() - w.started,
         "student": str(out / "student"),
         "stage_summaries": summaries,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    if log is not None:
-        log.event("done", steps=summary["steps"])
-        log.close()
+    w.log.event("done", steps=summary["steps"])
+    w.log.close()
+
+
+# ---------------------------------------------------------------- the SFT worker
+
+
+def sft_fn(loop_config: dict) -> None:
+    """Ray Train SFT worker: rebuild the config, train on this rank's share of "train" (the
+    core `loop.sft`), rank 0 saves the model with its tokenizer to loop_config["dest"]."""
+    from pocl_ray.artifacts import new_student, new_teacher
+
+    cfg = from_dict(loop_config["config"], source="sft worker config")  # the one rebuild
+    quiet_logs(worker_process=True)
+    target, dest = loop_config["target"], loop_config["dest"]
+    if loop_config["threads"]:
+        torch.set_num_threads(loop_config["threads"])
+    remote = cfg.teacher.trust_remote_code
+    tok = models.load_tokenizer(loop_config["tokenizer"], trust_remote_code=remote)
+    model = (new_teacher if target == "teacher" else new_student)(cfg, tok)
+    model = ray.train.torch.prepare_model(model)  # ray: DDP when world > 1
+    examples = _shard_examples("train")
+    rank0 = ray.train.get_context().get_world_rank() == 0  # ray:
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if rank0:
+            print(f"sft {target}: epoch {epoch + 1}/{cfg.sft.epochs} loss {loss:.4f}", flush=True)
+
+    losses = sft(model, examples, epochs=cfg.sft.epochs, lr=cfg.sft.lr,
+                 batch_size=cfg.sft.batch_size, pad_id=tok.pad_token_id, seed=cfg.run.seed,
+                 on_epoch=on_epoch)  # fmt: skip
+    if rank0:
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        models.save_model(model.module if ddp else model, tok, dest)
+    ray.train.report({"loss": losses[-1], "epochs": len(losses)})  # ray:
 
 
 def quiet_logs(worker_process: bool = False) -> None:
@@ -860,17 +823,3 @@ def quiet_logs(worker_process: bool = False) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     # ERROR: Ray Data warns once that the (deliberately) disabled progress bars are disabled
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-
-def load_tokenizer(cfg: Config, path: str):
-    """The run's tokenizer: pretrained as configured, or the one the scoring job saved."""
-    if cfg.tokenizer.name_or_path or cfg.teacher.name_or_path:
-        return models.load_tokenizer(cfg.tokenizer, cfg.teacher)
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.from_pretrained(path)
-
-
-def threads_per_worker(resources: dict[str, float]) -> int:
-    """torch threads for a worker holding `resources` (at least 1)."""
-    return max(1, math.floor(resources.get("CPU", 1.0)))

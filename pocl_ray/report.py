@@ -12,7 +12,7 @@ Every function takes plain tables, so the plain demo and the Ray pipeline share 
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +20,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on headless machines and in Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from pocl_ray import difficulty  # noqa: E402
+from pocl_ray.config import Config  # noqa: E402
+from pocl_ray.evaluation import read_results  # noqa: E402
+from pocl_ray.run_dir import RunDir  # noqa: E402
+from pocl_ray.scores import read_scores  # noqa: E402
 
 STAGE_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6"]
 
@@ -166,3 +172,26 @@ def build_report(
         summary = results.groupby(["model", "set"], sort=False)[["rougeL", "exact_match"]]
         table = summary.agg(["mean", "std"]).round(2).to_html()
     return write_index(out, figs, table)
+
+
+RUN_LABELS = {  # the pipeline's runs (jobs/pipeline.py), in report order
+    "pocl": "POCL student",
+    "kd": "KD student (no curriculum)",
+    "sft": "SFT student (no teacher)",
+}
+
+
+def pipeline_report(cfg: Config, run: RunDir, names: Sequence[str]) -> Path:
+    """(Re)build `<run>/report/` of a pipeline run: the scores table, the metrics of the runs
+    `names` (`<run>/<name>/metrics.jsonl`) and the evaluation results."""
+    table = read_scores(run)
+    cur = cfg.curriculum
+    sizes = difficulty.stage_sizes(len(table), cur.num_stages, cur.fractions)
+    runs = {RUN_LABELS.get(n, n): pd.read_json(run.root / n / "metrics.jsonl", lines=True)
+            for n in names}  # fmt: skip
+    results = read_results(run.root)
+    per_seed = results[results["stat"] == "seed"]
+    if per_seed.empty:  # greedy decoding: one pass, only mean rows
+        per_seed = results[results["stat"] == "mean"]
+    return build_report(run.report, scores=table, sizes=sizes, runs=runs, results=per_seed,
+                        schedule_run=RUN_LABELS.get(names[0], names[0]))  # fmt: skip

@@ -1,16 +1,10 @@
-"""One optimisation step and the plain single-process curriculum loop.
-
-The loop here is the reference semantics: the Ray Train job runs the same steps (same batch
-order, same τ/λ/LR per step) with the data coming from Ray Data shards instead of a list.
-The LR is a pure function of the curriculum position (curriculum.stage_position), so the
-"LR scheduler state" is the position itself.
+"""One optimisation step: the loss of a batch (online teacher, cached top-K, or on-policy
+samples), the data-parallel loss scaling, backward, clip, AdamW step. The loop over steps is
+`loop.train_stage`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,10 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pocl_ray import curriculum, models
-from pocl_ray.config import Config, LossConfig, OptimConfig
+from pocl_ray import curriculum
+from pocl_ray.config import LossConfig, OptimConfig
 from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, prompt_batch
-from pocl_ray.evaluation import new_token_budget
 from pocl_ray.losses import (
     ce_loss,
     kd_loss,
@@ -30,22 +23,12 @@ from pocl_ray.losses import (
     topk_kd_loss,
     topk_per_token_kd,
 )
+from pocl_ray.scores import TOPK_CACHE, TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL
 
-log = logging.getLogger("pocl_ray.train")
-
-
-TOPK_IDS = "teacher_topk_ids"
-"""Batch key (and scores-table column) of a cached teacher's top-K token ids, (B, L-1, K) long,
-aligned with the shifted logits (see `topk_targets`); with it, TOPK_LOGPROBS, TOPK_TAIL and
-TOPK_TAUS the KD term needs no teacher model (docs/distill.md)."""
-TOPK_LOGPROBS = "teacher_topk_logprobs"
-"""(B, L-1, K) float32: the teacher's T = 1 log-probabilities at those ids."""
-TOPK_TAIL = "teacher_tail_logz"
-"""(B, L-1, J) float32: log Σ over every other token of exp(log p / τ_j), per grid τ_j."""
 TOPK_TAUS = "teacher_cache_taus"
-"""(J,) float64: the grid τ_j of TOPK_TAIL (scoring.cache_taus); a batch key only."""
-TOPK_CACHE = (TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL)
-"""The per-position cache entries, in `losses.topk_kd_loss` argument order."""
+"""Batch key of the cache's grid temperatures, (J,) float64 (scoring.cache_taus); the other
+cache keys are the table's columns (`scores.TOPK_CACHE`), (B, L-1, ...) aligned with the
+shifted logits (`topk_targets`)."""
 
 
 @dataclass(kw_only=True)
@@ -503,265 +486,3 @@ def train_step(
         row_tokens=None if terms.row_tokens is None else terms.row_tokens.tolist(),
         on_policy=on_policy is not None,
     )
-
-
-def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Consecutive batches of an epoch order; the last, partial batch is kept."""
-    return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
-
-
-@torch.no_grad()
-def mean_ce(
-    model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int = 64
-) -> float:
-    """Token-mean response cross-entropy over `examples` (the dev metric of the plateau trigger)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for idx in batches(range(len(examples)), batch_size):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        logits, targets, mask = shifted(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            batch["labels"],
-        )
-        n = int(mask.sum())
-        total += ce_loss(logits, targets, mask).item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def run_curriculum(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
-    examples: Sequence[TokenizedExample],
-    difficulty_rank: Sequence[int],
-    cfg: Config,
-    *,
-    pad_id: int,
-    dev_examples: Sequence[TokenizedExample] = (),
-    on_step: Callable[[dict], None] | None = None,
-    shuffle: bool | None = None,
-    eos_ids: Sequence[int] = (),
-) -> list[dict]:
-    """Run the whole curriculum of `cfg` over in-memory examples; returns the per-step log.
-
-    `difficulty_rank[i]` is example i's rank (1 = easiest). Each log row holds step, stage,
-    epoch, step_in_epoch, tau, kd_ratio, lr, loss, ce, kd, tokens, tokens_per_s.
-    shuffle: reshuffle every epoch (None = cfg.curriculum.shuffle).
-    eos_ids: the tokenizer's end-of-answer ids for on-policy samples (the student's own
-        are added, `models.eos_token_ids`).
-    """
-    cur, opt_cfg = cfg.curriculum, cfg.optim
-    shuffle = cur.shuffle if shuffle is None else shuffle
-    plan = curriculum.stage_table(
-        cur, n=len(examples), batch_size=opt_cfg.batch_size, loss_alpha=cfg.loss.alpha
-    )
-    order = curriculum.stage_order(
-        difficulty_rank, [e.sample_id for e in examples], mode=cur.mode, seed=cfg.run.seed
-    )
-    subsets = curriculum.stage_subsets(order, [p.size for p in plan])
-    min_ratio = opt_cfg.min_lr / opt_cfg.lr
-    eos_ids = tuple(dict.fromkeys([*eos_ids, *models.eos_token_ids(student)]))
-    student.train()
-    seed_training(cfg.run.seed)
-    history: list[dict] = []
-    optimizer = make_optimizer(student, opt_cfg)
-    steps_done = 0
-    for p in plan:
-        if p.stage > 0 and curriculum.resets_optimizer(cur.lr_policy):
-            optimizer = make_optimizer(student, opt_cfg)
-        tracker = curriculum.PlateauTracker(cur.plateau_patience) if cur.plateau_patience else None
-        stage_steps = _run_stage(
-            student,
-            teacher,
-            optimizer,
-            examples,
-            subsets[p.stage],
-            plan,
-            p,
-            cfg,
-            pad_id=pad_id,
-            min_ratio=min_ratio,
-            steps_before=steps_done,
-            history=history,
-            on_step=on_step,
-            shuffle=shuffle,
-            tracker=tracker,
-            dev_examples=dev_examples,
-            eos_ids=eos_ids,
-        )
-        steps_done += stage_steps
-    return history
-
-
-def _run_stage(
-    student,
-    teacher,
-    optimizer,
-    examples,
-    subset,
-    plan,
-    p,
-    cfg,
-    *,
-    pad_id,
-    min_ratio,
-    steps_before,
-    history,
-    on_step,
-    shuffle,
-    tracker,
-    dev_examples,
-    eos_ids,
-) -> int:
-    """Train one stage; returns the steps taken (fewer than planned if the plateau fired)."""
-    cur, opt_cfg = cfg.curriculum, cfg.optim
-    device = next(student.parameters()).device
-    step_in_stage = 0
-    for epoch in range(math.ceil(p.total_steps / p.steps_per_epoch)):
-        idx = curriculum.epoch_order(
-            subset, seed=cfg.run.seed, stage=p.stage, epoch=epoch, shuffle=shuffle
-        )
-        for batch_idx in batches(idx, opt_cfg.batch_size):
-            if step_in_stage == p.total_steps:
-                return step_in_stage
-            pos = curriculum.stage_position(
-                plan,
-                p.stage,
-                step_in_stage,
-                lr_policy=cur.lr_policy,
-                warmup_steps=opt_cfg.warmup_steps,
-                min_lr_ratio=min_ratio,
-                steps_before_stage=steps_before,
-            )
-            t0 = time.perf_counter()
-            batch = collate([examples[i] for i in batch_idx], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            seed = curriculum.on_policy_seed(
-                cfg.run.seed, pos.global_step, cfg.loss.on_policy_ratio
-            )
-            res = train_step(
-                student,
-                teacher,
-                optimizer,
-                batch,
-                pos=pos,
-                base_lr=opt_cfg.lr,
-                loss=cfg.loss,
-                grad_clip=opt_cfg.grad_clip,
-                on_policy=None if seed is None else on_policy_spec(cfg, seed, pad_id, eos_ids),
-            )
-            row = _log_row(pos, res, opt_cfg.lr, time.perf_counter() - t0)
-            history.append(row)
-            if on_step is not None:
-                on_step(row)
-            step_in_stage += 1
-            if cur.eval_every and step_in_stage % cur.eval_every == 0:
-                if _plateaued(tracker, student, dev_examples, pad_id, p.stage, step_in_stage):
-                    return step_in_stage
-        if not cur.eval_every:  # 0 = evaluate once per epoch
-            if _plateaued(tracker, student, dev_examples, pad_id, p.stage, step_in_stage):
-                return step_in_stage
-    return step_in_stage
-
-
-def on_policy_spec(
-    cfg: Config,
-    seed: int,
-    pad_id: int,
-    eos_ids: Sequence[int],
-    generator: torch.nn.Module | None = None,
-) -> OnPolicy:
-    """The on-policy settings of `cfg` for one step with sampling seed `seed`: samples fit
-    the training sequence budget (data.max_length) after the longest allowed prompt."""
-    return OnPolicy(
-        seed=seed,
-        max_new_tokens=new_token_budget(
-            cfg.loss.on_policy_max_new_tokens,
-            positions=cfg.data.max_length,
-            max_prompt_length=cfg.data.max_prompt_length,
-        ),
-        pad_id=pad_id,
-        eos_ids=tuple(eos_ids),
-        generator=generator,
-    )
-
-
-def seed_training(seed: int, rank: int = 0) -> None:
-    """Seed torch's global RNG (dropout) at the start of training, from the run seed and the
-    data-parallel rank: the plain loop and a Ray worker of rank 0 draw the same masks."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, 0x64726F70, rank]).generate_state(1)[0]))
-
-
-def _plateaued(tracker, student, dev_examples, pad_id: int, stage: int, step: int) -> bool:
-    """One dev evaluation for the plateau trigger (False when the trigger is off)."""
-    if tracker is None or not dev_examples:
-        return False
-    if tracker.update(mean_ce(student, dev_examples, pad_id)):
-        log.info("stage %d: dev CE plateaued at step %d of the stage; advancing", stage, step)
-        return True
-    return False
-
-
-def _log_row(pos: curriculum.Position, res: StepResult, base_lr: float, seconds: float) -> dict:
-    return {
-        "step": pos.global_step,
-        "stage": pos.stage,
-        "epoch": pos.epoch,
-        "step_in_epoch": pos.step_in_epoch,
-        "tau": pos.tau,
-        "kd_ratio": pos.kd_ratio,
-        "lr": base_lr * pos.lr_mult,
-        "loss": res.loss,
-        "ce": res.ce,
-        "kd": res.kd,
-        "tokens": res.tokens,
-        "tokens_per_s": res.tokens / max(seconds, 1e-9),
-    }
-
-
-def sft(
-    model: torch.nn.Module,
-    examples: Sequence[TokenizedExample],
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    pad_id: int,
-    seed: int = 0,
-    weight_decay: float = 0.01,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Supervised fine-tuning (CE only), cosine LR decay to 0; returns the mean loss per epoch."""
-    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
-    device = next(model.parameters()).device
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = epochs * steps_per_epoch
-    model.train()
-    losses = []
-    step = 0
-    for epoch in range(epochs):
-        order = curriculum.epoch_order(list(range(len(examples))), seed=seed, stage=0, epoch=epoch)
-        epoch_loss = 0.0
-        for batch_idx in batches(order, batch_size):
-            for group in opt.param_groups:
-                group["lr"] = lr * curriculum.cosine_lr_mult(
-                    step, total, 0.0, warmup=min(20, total // 10)
-                )
-            batch = collate([examples[i] for i in batch_idx], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits, targets, mask = shifted(out.logits, batch["labels"])
-            loss = ce_loss(logits, targets, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            epoch_loss += loss.item()
-            step += 1
-        losses.append(epoch_loss / steps_per_epoch)
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    return losses

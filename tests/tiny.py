@@ -25,3 +25,18 @@ TINY = [
 
 def tiny_cfg(out: Path, *extra: str) -> Config:
     return load_config(DEMO, [*TINY, f"run.output_dir={out}", *extra])
+
+
+def read_scores(out: Path):
+    """The scores table of run directory `out` (pandas, easiest first)."""
+    from pocl_ray.run_dir import RunDir
+    from pocl_ray.scores import read_scores as read
+
+    return read(RunDir(Path(out)))
+
+
+def read_manifest(out: Path) -> dict:
+    """The scores manifest of run directory `out`."""
+    from pocl_ray.run_dir import read_manifest as read
+
+    return read(Path(out) / "scores")

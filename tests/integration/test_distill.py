@@ -19,18 +19,15 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from jobs import distill, score
-from pocl_ray import cli, curriculum, difficulty, models
-from pocl_ray.data import TokenizedExample, collate, split_train_eval, tokenize_records
-from pocl_ray.plain import load_task_records
+from jobs import __main__ as cli
+from jobs import distill, runtime, score
+from pocl_ray import artifacts, curriculum, difficulty, models
+from pocl_ray.data import TokenizedExample, collate, example_from_row, tokenize_records
+from pocl_ray.loop import run_curriculum, seed_training
 from pocl_ray.ray_train import latest_checkpoint, read_state
-from pocl_ray.train_step import (
-    TOPK_CACHE,
-    loss_terms,
-    run_curriculum,
-    seed_training,
-    topk_targets,
-)
+from pocl_ray.run_dir import RunDir
+from pocl_ray.scores import TOPK_CACHE
+from pocl_ray.train_step import loss_terms, topk_targets
 from tests import tiny
 
 pytestmark = pytest.mark.ray
@@ -76,18 +73,8 @@ def plan_of(cfg, n: int, world: int = 1):
 
 
 def table_examples(out: Path) -> tuple[list[TokenizedExample], list[int]]:
-    table = score.read_scores(out)
-    examples = [
-        TokenizedExample(
-            sample_id=r.sample_id,
-            input_ids=[int(t) for t in r.input_ids],
-            labels=[int(t) for t in r.labels],
-            prompt_length=int(r.prompt_length),
-            prompt_truncated=False,
-            response_truncated=False,
-        )
-        for r in table.itertuples()
-    ]
+    table = tiny.read_scores(out)
+    examples = [example_from_row(row) for _, row in table.iterrows()]
     return examples, table["difficulty_rank"].tolist()
 
 
@@ -134,7 +121,7 @@ def test_local_mode_follows_the_plan_and_equals_the_plain_loop(scored, tmp_path)
     out = copy_run(scored, tmp_path)
     cfg = tiny_cfg(out, "scaling.num_workers=0")
     distill.main(cfg)
-    n = score.read_manifest(out)["counts"]["scored"]
+    n = tiny.read_manifest(out)["counts"]["scored"]
     plan = plan_of(cfg, n)
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(curriculum.total_steps(plan)))
@@ -197,8 +184,7 @@ def test_plateau_trigger_ends_stages_like_the_plain_loop(scored, tmp_path):
     cfg = tiny_cfg(out, "scaling.num_workers=0", "curriculum.eval_every=2", *extra)
     distill.main(cfg)
     # the plain loop with the same held-out examples (the data split of the core)
-    loaded = load_task_records(cfg, out)
-    _, held = split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
+    held = artifacts.read_inputs(cfg, RunDir(out)).held
     tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
     dev = tokenize_records(held, tok, max_prompt_length=96, max_length=128).examples
     examples, ranks = table_examples(out)
@@ -226,7 +212,7 @@ def test_teacher_cache_feeds_each_row_its_own_top_k(scored, tmp_path):
     rows = metrics(out)
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in rows)
     # step 0 by hand: the plan's first batch, the table's cache for those rows, the core loss
-    table = score.read_scores(out)
+    table = tiny.read_scores(out)
     examples, ranks = table_examples(out)
     plan = plan_of(cfg, len(examples))
     order = curriculum.stage_order(ranks, table["sample_id"].tolist(), mode="pocl", seed=0)
@@ -265,7 +251,7 @@ def test_gpu_requested_without_gpu_fails_fast(ray_local, tmp_path, capsys):
 @pytest.mark.timeout(60)
 def test_a_table_made_for_other_settings_is_refused(scored, tmp_path):
     out = copy_run(scored, tmp_path)
-    with pytest.raises(distill.DistillJobError) as e:
+    with pytest.raises(runtime.JobError) as e:
         distill.main(tiny_cfg(out, "teacher.hidden_size=64", "teacher.num_heads=4"))
     text = str(e.value)
     assert "teacher.hidden_size: the table was made with 32, this config has 64" in text
@@ -303,7 +289,7 @@ def test_one_worker_equals_the_plain_loop(scored, tmp_path):
     distill.main(cfg)
     same_steps(metrics(out), plain_history(out, cfg))
     # a checkpoint at every stage boundary, each saying where the next stage starts
-    plan = plan_of(cfg, score.read_manifest(out)["counts"]["scored"])
+    plan = plan_of(cfg, tiny.read_manifest(out)["counts"]["scored"])
     ends = np.cumsum([p.total_steps for p in plan]).tolist()
     ckpts = sorted((out / "ray" / cfg.run.name).glob("ckpt_*"))
     assert [int(c.name.split("_")[1]) for c in ckpts] == ends
@@ -323,7 +309,7 @@ def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path):
     # dropout off: two ranks draw their masks from two RNG streams, the plain loop from one
     cfg = tiny_cfg(out, "scaling.num_workers=2", "student.dropout=0.0")
     distill.main(cfg)
-    n = score.read_manifest(out)["counts"]["scored"]
+    n = tiny.read_manifest(out)["counts"]["scored"]
     plan = plan_of(cfg, n, world=2)  # global batch 2 x 16
     rows = metrics(out)
     assert len(rows) == curriculum.total_steps(plan) < curriculum.total_steps(plan_of(cfg, n))
@@ -371,7 +357,7 @@ def test_worker_killed_mid_stage_restarts_at_the_saved_position(scored, tmp_path
 def test_rerunning_the_same_name_resumes_instead_of_restarting(scored, tmp_path, capsys):
     out = copy_run(scored, tmp_path)
     cfg = tiny_cfg(out, "scaling.num_workers=1", "run.checkpoint_every=4", "run.max_failures=0")
-    with pytest.raises(distill.DistillJobError, match="run the same command again"):
+    with pytest.raises(runtime.JobError, match="run the same command again"):
         distill.main(cfg, fault={"step": 10, "marker": str(tmp_path / "killed")})
     latest = latest_checkpoint(out / "ray" / cfg.run.name)
     assert latest.name == "ckpt_00000008"  # stage 2, step 2 of its 6
@@ -392,5 +378,5 @@ def test_rerunning_the_same_name_resumes_instead_of_restarting(scored, tmp_path,
 
     distill.main(cfg)  # a finished run: nothing to train
     assert "already complete" in capsys.readouterr().out
-    with pytest.raises(distill.DistillJobError, match=r"optim.lr: 0.002 -> 0.001"):
+    with pytest.raises(runtime.JobError, match=r"optim.lr: 0.002 -> 0.001"):
         distill.main(tiny_cfg(out, "scaling.num_workers=1", "optim.lr=1e-3"))

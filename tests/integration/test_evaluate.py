@@ -21,12 +21,12 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from jobs import evaluate
-from pocl_ray import cli, models, tasks
+from jobs import __main__ as cli
+from jobs import evaluate, runtime
+from pocl_ray import evaluation, models, tasks
 from pocl_ray.config import ModelConfig, load_config
 from pocl_ray.data import load_records, tokenize_records
-from pocl_ray.evaluation import generate
-from pocl_ray.ray_data import RowSampler, row_seed, sample_generate
+from pocl_ray.evaluation import RowSampler, generate, row_seed, sample_generate
 
 pytestmark = pytest.mark.ray
 
@@ -121,7 +121,7 @@ def args_for(a, out: Path, *extra: str) -> list[str]:
 def run_job(a, out: Path, *extra: str) -> pd.DataFrame:
     cfg = load_config(DEMO, args_for(a, out, *extra))
     evaluate.main(cfg)
-    return evaluate.read_generations(out)
+    return evaluation.read_generations(out)
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,9 @@ def test_seeds_change_sampled_answers(sampled):
 
 @pytest.mark.timeout(60)
 def test_results_csv_is_the_aggregate_of_generations(sampled, assets):
-    res = evaluate.read_results(sampled.out)
+    res = evaluation.read_results(sampled.out)
     g = sampled.g
-    assert list(res.columns) == evaluate.RESULT_COLUMNS
+    assert list(res.columns) == evaluation.RESULT_COLUMNS
     assert len(res) == 2 * 2 * (len(SEEDS) + 2)  # models x sets x (seed rows + mean + sd)
     for (model, name), part in g.groupby(["model", "set"]):
         rows = res[(res["model"] == model) & (res["set"] == name)]
@@ -207,7 +207,7 @@ def test_same_seeds_give_the_same_answers_with_two_actors_and_other_batches(samp
     g2 = run_job(assets, out, *extra, "eval.num_actors=2", "eval.batch_size=3")
     a, b = _key(sampled.g), _key(g2)
     pd.testing.assert_frame_equal(a, b)
-    res1, res2 = evaluate.read_results(sampled.out), evaluate.read_results(out)
+    res1, res2 = evaluation.read_results(sampled.out), evaluation.read_results(out)
     pd.testing.assert_frame_equal(res1, res2)
 
 
@@ -263,7 +263,7 @@ def test_greedy_through_the_cli_matches_the_core_and_is_reused(ray_local, assets
     printed = capsys.readouterr().out
     assert "greedy" in printed and "heldout (n=5)" in printed and "mini (n=3)" in printed
     assert "gpt " in printed and "llama " in printed
-    g = evaluate.read_generations(out)
+    g = evaluation.read_generations(out)
     assert g["seed"].isna().all() and len(g) == 2 * (5 + 3)  # one pass, no seeds
     gpt = g[(g["model"] == "gpt") & (g["set"] == "mini")].sort_values("index")
     # the same answers as the core's greedy `generate` on the same prompts
@@ -275,12 +275,12 @@ def test_greedy_through_the_cli_matches_the_core_and_is_reused(ray_local, assets
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     unrelated = scorer.score("zzz qqq", second["prediction"])["rougeL"].fmeasure
     assert second["rougeL"] > 100 * unrelated
-    res = evaluate.read_results(out)
+    res = evaluation.read_results(out)
     sd = res[res["stat"] == "sd"]
     assert sd["rougeL"].isna().all() and (res["n_seeds"] == 1).all()
     # a second call with only execution settings changed reuses the results
     assert cli.main([*argv, "eval.num_actors=2", "eval.batch_size=2"]) == 0
-    assert "reusing the existing results" in capsys.readouterr().out
+    assert "reusing the results" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(60)
@@ -295,18 +295,17 @@ def test_gpu_request_without_gpu_fails_fast(ray_local, assets, capsys):
 
 def test_missing_model_and_no_room_for_an_answer_fail_before_ray(assets, tmp_path, capsys):
     cfg = load_config(DEMO, args_for(assets, tmp_path, f"eval.models=[x={tmp_path / 'none'}]"))
-    with pytest.raises(evaluate.EvalJobError, match="model 'x': cannot read a model config"):
+    with pytest.raises(runtime.JobError, match="model 'x': cannot read a model config"):
         evaluate.main(cfg)
-    # more new tokens than positions left: clamped, with one line (the generation rule)
-    cfg = load_config(DEMO, args_for(assets, tmp_path, "eval.max_new_tokens=256"))
-    name, path = next(iter(evaluate.model_entries(cfg, tmp_path).items()))
-    assert evaluate.answer_budget(name, path, cfg) == MAX_LEN - 96
-    assert "answers limited to 32 new tokens" in capsys.readouterr().out
+    # more new tokens than positions left: clamped (the generation rule)
+    budget = evaluation.answer_budget(str(assets.gpt), max_new_tokens=256, max_prompt_length=96)
+    assert budget == (MAX_LEN - 96, MAX_LEN)
     # prompts that may fill every position: no room at all, refused
     cfg = load_config(DEMO, args_for(assets, tmp_path, "data.max_prompt_length=128",
                                      "data.max_length=256"))  # fmt: skip
-    with pytest.raises(evaluate.EvalJobError, match="no room for an answer"):
+    with pytest.raises(runtime.JobError, match="no room for an answer"):
         evaluate.main(cfg)
     cfg = load_config(DEMO, [*args_for(assets, tmp_path), "eval.models=[]"])
-    with pytest.raises(evaluate.EvalJobError, match="eval.models is empty"):
+    with pytest.raises(runtime.JobError, match="eval.models is empty"):
         evaluate.main(cfg)
+    assert not (tmp_path / "eval").exists()

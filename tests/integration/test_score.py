@@ -18,10 +18,13 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from jobs import score
-from pocl_ray import cli, difficulty, models, tasks
+from jobs import __main__ as cli
+from jobs import runtime, score
+from pocl_ray import difficulty, models, scores, tasks
 from pocl_ray.data import TokenizedExample, load_records, split_train_eval
+from pocl_ray.run_dir import data_fingerprint
 from pocl_ray.signals import score_batch
+from tests import tiny
 from tests.tiny import TINY, tiny_cfg
 
 pytestmark = pytest.mark.ray
@@ -54,8 +57,8 @@ def tiny_run(ray_local, tmp_path_factory):
 @pytest.mark.timeout(240)
 def test_row_accounting(tiny_run):
     cfg, out = tiny_run
-    table = score.read_scores(out)
-    c = score.read_manifest(out)["counts"]
+    table = tiny.read_scores(out)
+    c = tiny.read_manifest(out)["counts"]
     assert c["read"] == 120 and c["rejected"] == 0
     assert c["accepted"] + c["rejected"] == c["read"]
     assert c["scored"] + c["held_out"] + c["rejected"] == c["read"]
@@ -66,17 +69,15 @@ def test_row_accounting(tiny_run):
 
 def test_accounting_check_names_each_violation():
     counts = dict(read=5, accepted=5, rejected=0, held_out=1, scored=4)
-    score.check_accounting(counts, ["a", "b", "c", "d"], ["a", "b", "c", "d"])
-    with pytest.raises(score.AccountingError) as e:
-        score.check_accounting(counts, ["a", "a", "c", "x"], ["a", "b", "c", "d"])
-    text = str(e.value)
+    assert scores.accounting_problems(counts, ["a", "b", "c", "d"], ["a", "b", "c", "d"]) == []
+    text = " ".join(scores.accounting_problems(counts, ["a", "a", "c", "x"], ["a", "b", "c", "d"]))
     assert "more than once" in text and "never scored" in text and "not training samples" in text
 
 
 @pytest.mark.timeout(60)
 def test_ranks_equal_core_fuse_of_the_tables_own_signals(tiny_run):
     cfg, out = tiny_run
-    table = score.read_scores(out)
+    table = tiny.read_scores(out)
     signals = cfg.scoring.signals
     assert table["difficulty_rank"].tolist() == list(range(1, len(table) + 1))  # easiest first
     again = difficulty.fuse(table[["sample_id", *signals]], signals, k=cfg.scoring.fusion_k)
@@ -85,11 +86,12 @@ def test_ranks_equal_core_fuse_of_the_tables_own_signals(tiny_run):
     sizes = difficulty.stage_sizes(len(table), cfg.curriculum.num_stages)
     staged = difficulty.assign_stages(again, sizes)
     np.testing.assert_array_equal(table["stage"].to_numpy(), staged["stage"].to_numpy())
-    manifest = score.read_manifest(out)
+    manifest = tiny.read_manifest(out)
     assert manifest["stage_sizes"] == sizes
     assert manifest["signals"] == signals
-    assert -1.0 <= manifest["spearman_rank_vs_level"] <= 1.0
-    assert set(manifest["models"]) == {"tokenizer", "teacher", "student_init", "scorer"}
+    assert -1.0 <= manifest["measurer_quality"]["fused"] <= 1.0
+    assert set(manifest["measurer_quality"]["signals"]) == set(signals)
+    assert set(manifest["key"]["models"]) == {"tokenizer", "teacher", "student_init", "scorer"}
     assert manifest["ray"]["version"]
 
 
@@ -97,7 +99,7 @@ def test_ranks_equal_core_fuse_of_the_tables_own_signals(tiny_run):
 def test_signals_match_the_plain_loop(tiny_run):
     """The actors compute what core score_batch computes in this process."""
     cfg, out = tiny_run
-    table = score.read_scores(out).set_index("sample_id")
+    table = tiny.read_scores(out).set_index("sample_id")
     torch.set_num_threads(1)
     tok = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
     student = models.load_pretrained(out / "student_init", cfg.student).eval()
@@ -131,7 +133,7 @@ def test_signals_match_the_plain_loop(tiny_run):
 @pytest.mark.timeout(60)
 def test_teacher_topk_cache_shapes(tiny_run):
     cfg, out = tiny_run
-    table = score.read_scores(out)
+    table = tiny.read_scores(out)
     teacher = models.load_pretrained(out / "teacher", cfg.teacher).eval()
     taus = cfg.scoring.cache_taus
     for _, row in table.head(5).iterrows():
@@ -155,9 +157,9 @@ def test_teacher_topk_cache_shapes(tiny_run):
         head = np.logaddexp.reduce(logprobs.astype(np.float64), axis=1)
         total = np.logaddexp(head, tail[:, taus.index(1.0)])
         np.testing.assert_allclose(total, 0.0, atol=5e-3)
-    manifest = score.read_manifest(out)
+    manifest = tiny.read_manifest(out)
     assert manifest["teacher_topk"] == TOPK and manifest["cache_taus"] == taus
-    assert manifest["format_version"] == score.FORMAT_VERSION == 2
+    assert manifest["format_version"] == scores.FORMAT_VERSION == 2
 
 
 @pytest.mark.timeout(180)
@@ -167,7 +169,7 @@ def test_idempotent_rerun_force_and_changed_config(tiny_run, tmp_path, capsys, c
     shutil.copytree(src, out)  # keep the shared run untouched
     cfg = tiny_cfg(out, f"scoring.teacher_topk={TOPK}")
     manifest = out / "scores" / "manifest.json"
-    before = score.read_scores(out)
+    before = tiny.read_scores(out)
     stamp = manifest.stat().st_mtime_ns
 
     score.main(cfg)  # same config and data: reused, not rescored
@@ -177,19 +179,20 @@ def test_idempotent_rerun_force_and_changed_config(tiny_run, tmp_path, capsys, c
     score.main(cfg, force=True)  # rescored: the same rankings, bit for bit
     assert "rows/s" in capsys.readouterr().out
     assert manifest.stat().st_mtime_ns != stamp
-    after = score.read_scores(out)
+    after = tiny.read_scores(out)
     pd.testing.assert_frame_equal(
         before.drop(columns=CACHE_COLUMNS),
         after.drop(columns=CACHE_COLUMNS),
     )
 
-    old_hash = json.loads(manifest.read_text())["config_hash"]
+    old_hash = json.loads(manifest.read_text())["key"]["config_hash"]
     changed = tiny_cfg(out, f"scoring.teacher_topk={TOPK}", "scoring.max_new_tokens=3")
     with caplog.at_level("WARNING", logger="pocl_ray.score"):
         score.main(changed)
-    assert "config_hash" in caplog.text and "rescoring and replacing" in caplog.text
+    assert "inputs changed: config_hash" in caplog.text and "rescoring and replacing" in caplog.text
     new = json.loads(manifest.read_text())
-    assert new["config_hash"] != old_hash and new["config"]["scoring"]["max_new_tokens"] == 3
+    assert new["key"]["config_hash"] != old_hash
+    assert new["config"]["scoring"]["max_new_tokens"] == 3
     # an execution-only setting is not part of the hash: reused
     score.main(tiny_cfg(out, f"scoring.teacher_topk={TOPK}", "scoring.max_new_tokens=3",
                         "scoring.batch_size=8"))  # fmt: skip
@@ -207,10 +210,13 @@ def test_gpu_request_without_gpu_fails_fast(ray_local, tmp_path, capsys):
 
 
 def test_resource_check_counts_the_whole_pool():
-    sc = tiny_cfg(Path("unused"), "scoring.num_actors=3", "scoring.cpus_per_actor=2").scoring
-    with pytest.raises(score.ResourceRequestError, match="6 CPUs; the cluster has 4"):
-        score.check_resources(sc, {"CPU": 4.0})
-    score.check_resources(sc, {"CPU": 6.0})
+    pool = runtime.pool_request("scoring", 3, 2.0, 0.0)
+    with pytest.raises(runtime.ResourceError, match="6 CPUs; the cluster has 4"):
+        runtime.preflight(pool, {"CPU": 4.0})
+    runtime.preflight(pool, {"CPU": 6.0})
+    gpus = runtime.pool_request("scoring", 2, 1.0, 1.0)
+    with pytest.raises(runtime.ResourceError, match="2 GPUs; the cluster has 1"):
+        runtime.preflight(gpus, {"CPU": 8.0, "GPU": 1.0})
 
 
 @pytest.mark.timeout(180)
@@ -231,10 +237,10 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, tmp_path):
     marker = tmp_path / "killed"
     score.main(cfg, fault={"batch": 2, "marker": str(marker)})
     assert marker.exists(), "the fault hook never fired: the test proved nothing"
-    table = score.read_scores(out)
+    table = tiny.read_scores(out)
     assert table["sample_id"].is_unique
     assert sorted(table["sample_id"]) == sorted(train_ids(cfg))
-    c = score.read_manifest(out)["counts"]
+    c = tiny.read_manifest(out)["counts"]
     assert (c["read"], c["rejected"]) == (122, 2)
     assert c["scored"] + c["held_out"] + c["rejected"] == c["read"]
 
@@ -266,12 +272,12 @@ def test_dolly_train_data(ray_local, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_cfg(out, f"data.source={DOLLY}", "data.limit=60", "scoring.signals=[rouge,nll]")
     score.main(cfg)
-    table = score.read_scores(out)
-    manifest = score.read_manifest(out)
+    table = tiny.read_scores(out)
+    manifest = tiny.read_manifest(out)
     assert manifest["counts"]["read"] == 60
     assert len(table) == manifest["counts"]["scored"] == len(train_ids(cfg))
-    assert "level" not in table.columns and manifest["spearman_rank_vs_level"] is None
-    assert manifest["models"]["teacher"] is None  # student signals only: no teacher needed
+    assert "level" not in table.columns and manifest["measurer_quality"] is None
+    assert manifest["key"]["models"]["teacher"] is None  # student signals only: no teacher
     assert (table["response_tokens"] > 0).all()
 
 
@@ -279,17 +285,18 @@ def test_fingerprint_ignores_file_order_and_hash_ignores_execution_keys(tmp_path
     data = tmp_path / "a.jsonl"
     items = tasks.generate(30, seed=1)
     tasks.write_jsonl(items, data)
-    first = score.data_fingerprint(load_records(data))
+    first = data_fingerprint(load_records(data))
     tasks.write_jsonl(items[::-1], data)
-    assert score.data_fingerprint(load_records(data)) == first
+    assert data_fingerprint(load_records(data)) == first
     tasks.write_jsonl([{**items[0], "response": "changed"}, *items[1:]], data)
-    assert score.data_fingerprint(load_records(data)) != first
+    assert data_fingerprint(load_records(data)) != first
 
-    base = score.config_hash(tiny_cfg(tmp_path))
-    assert score.config_hash(tiny_cfg(tmp_path, "scoring.num_actors=4")) == base
-    assert score.config_hash(tiny_cfg(tmp_path / "elsewhere")) == base
-    assert score.config_hash(tiny_cfg(tmp_path, "scoring.fusion_k=10")) != base
-    assert score.config_hash(tiny_cfg(tmp_path, "student.hidden_size=32")) != base
+    base = scores.config_hash(tiny_cfg(tmp_path))
+    assert scores.config_hash(tiny_cfg(tmp_path, "scoring.num_actors=4")) == base
+    assert scores.config_hash(tiny_cfg(tmp_path / "elsewhere")) == base
+    assert scores.config_hash(tiny_cfg(tmp_path, "student.dropout=0.3")) == base  # training only
+    assert scores.config_hash(tiny_cfg(tmp_path, "scoring.fusion_k=10")) != base
+    assert scores.config_hash(tiny_cfg(tmp_path, "student.hidden_size=32")) != base
 
 
 @pytest.mark.timeout(180)
@@ -306,7 +313,7 @@ def test_joins_an_existing_cluster_via_ray_address(tiny_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(src, out)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "jobs.score", str(DEMO), *TINY, f"run.output_dir={out}",
+    cmd = [sys.executable, "-m", "jobs", "score", str(DEMO), *TINY, f"run.output_dir={out}",
            f"scoring.teacher_topk={TOPK}", "--force"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -314,5 +321,5 @@ def test_joins_an_existing_cluster_via_ray_address(tiny_run, tmp_path):
     assert "rows/s" in done.stdout
     assert ray.get(ray.put(1)) == 1  # the cluster outlives the job's driver
     pd.testing.assert_series_equal(
-        score.read_scores(out)["sample_id"], score.read_scores(src)["sample_id"]
+        tiny.read_scores(out)["sample_id"], tiny.read_scores(src)["sample_id"]
     )

@@ -1,4 +1,4 @@
-"""Tests for the `pocl-ray` command line (pocl_ray.cli): the validate subcommand."""
+"""Tests for the `pocl-ray` command line (jobs/__main__.py): the validate subcommand."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pocl_ray.cli import main
+from jobs.__main__ import main
 from pocl_ray.config import from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ def test_demo_validates_its_overrides_before_any_work(capsys, tmp_path):
 
 def test_module_entry_point_reports_all_mistakes(bad_config):
     proc = subprocess.run(
-        [sys.executable, "-m", "pocl_ray.cli", "validate", str(bad_config)],
+        [sys.executable, "-m", "jobs", "validate", str(bad_config)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -12,23 +12,20 @@ import torch
 from pocl_ray import curriculum
 from pocl_ray.config import CurriculumConfig, LossConfig, ModelConfig, OptimConfig
 from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_records
+from pocl_ray.loop import mean_ce, sft
 from pocl_ray.models import build_tiny, freeze_teacher
+from pocl_ray.scores import TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL
 from pocl_ray.signals import teacher_topk
 from pocl_ray.train_step import (
-    TOPK_IDS,
-    TOPK_LOGPROBS,
-    TOPK_TAIL,
     TOPK_TAUS,
     DataParallel,
     OnPolicy,
     cut_at_eos,
     loss_terms,
     make_optimizer,
-    mean_ce,
     on_policy_batch,
     on_policy_terms,
     rank_loss,
-    sft,
     shifted,
     topk_targets,
     train_step,

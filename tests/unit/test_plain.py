@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from pocl_ray.cli import main
+from jobs.__main__ import main
 from pocl_ray.plain import run_plain
 from tests.tiny import tiny_cfg
 
@@ -51,7 +51,7 @@ def test_report_rebuilds_from_the_run_dir(plain_run, capsys):
 def test_teacher_is_reused_on_a_second_run(plain_run, caplog):
     out, cfg, _ = plain_run
     before = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="pocl_ray.plain"):
+    with caplog.at_level("INFO", logger="pocl_ray.inputs"):
         run_plain(cfg)
     assert "teacher: reusing" in caplog.text
     assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == before

@@ -22,17 +22,9 @@ from pocl_ray.config import (
     RunConfig,
 )
 from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
+from pocl_ray.loop import batches, mean_ce, run_curriculum, sft
 from pocl_ray.models import build_tiny, freeze_teacher
-from pocl_ray.train_step import (
-    batches,
-    loss_terms,
-    make_optimizer,
-    mean_ce,
-    run_curriculum,
-    sft,
-    shifted,
-    train_step,
-)
+from pocl_ray.train_step import loss_terms, make_optimizer, shifted, train_step
 
 MAX_PROMPT, MAX_LEN = 96, 128
 BATCH = 16
@@ -527,13 +519,11 @@ def test_plateau_eval_every_steps(env, teacher, split64):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_run_curriculum_is_deterministic(env, teacher, split64, shuffle):
     init = tiny(env, "gpt2")
-    cfg = make_cfg(interval=1)
+    cfg = make_cfg(interval=1, shuffle=shuffle)
     runs = []
     for _ in range(2):
         model = copy.deepcopy(init)
-        rows = run_curriculum(
-            model, teacher, split64.examples, split64.ranks, cfg, pad_id=env.pad, shuffle=shuffle
-        )
+        rows = run_curriculum(model, teacher, split64.examples, split64.ranks, cfg, pad_id=env.pad)
         runs.append(([(r["loss"], r["ce"], r["kd"], r["tokens"]) for r in rows], model))
     assert runs[0][0] == runs[1][0]
     for (k, a), b in zip(runs[0][1].named_parameters(), runs[1][1].parameters()):

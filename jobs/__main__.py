@@ -1,0 +1,138 @@
+"""The `pocl-ray` command, the same as `python -m jobs <job> CONFIG [key=value ...]`.
+
+    pocl-ray validate CONFIG [key=value ...]   check a config, list every problem
+    pocl-ray score    CONFIG [...] [--force]   difficulty scoring on Ray Data (docs/scoring.md)
+    pocl-ray distill  CONFIG [...]             curriculum distillation on Ray Train
+    pocl-ray evaluate CONFIG [...] [--force]   evaluation on Ray Data (docs/evaluate.md)
+    pocl-ray sft      CONFIG [...] [--target]  supervised fine-tuning on Ray Train
+    pocl-ray pipeline CONFIG [...]             every job in order, then the report
+    pocl-ray demo [--plain] [key=value ...]    the embedded default (configs/demo.yaml)
+    pocl-ray report   RUN_DIR                  rebuild a run's report
+
+Exit codes: 0 done; 2 a config, data or resource problem found before any work; 3 a job that
+could not finish correctly (jobs/runtime.py). Submitting to a cluster: docs/jobs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jobs.runtime import JobError, local_ray_env
+from pocl_ray.config import ConfigError, dump_yaml, load_config
+from pocl_ray.data import DataError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pocl-ray", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {
+        "validate": "validate a config (exit 0 when valid)",
+        "score": "score training data difficulty on Ray Data (docs/scoring.md)",
+        "distill": "distil the student with the curriculum on Ray Train (docs/distill.md)",
+        "evaluate": "evaluate models on eval sets with Ray Data (docs/evaluate.md)",
+        "sft": "supervised fine-tuning (CE only) on Ray Train",
+        "pipeline": "sft teacher -> score -> distill POCL, KD, SFT -> evaluate -> report",
+    }
+    for name, text in helps.items():
+        s = sub.add_parser(name, help=text)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        if name in ("score", "evaluate"):
+            s.add_argument("--force", action="store_true", help="redo even if outputs match")
+        if name == "validate":
+            s.add_argument("--print", action="store_true", help="print the resolved config")
+        if name == "sft":
+            s.add_argument(
+                "--target", choices=["teacher", "student"], default="teacher",
+                help="teacher -> RUN/teacher/ (the demo teacher); student -> RUN/student_sft/",
+            )  # fmt: skip
+    d = sub.add_parser("demo", help="run the embedded default (configs/demo.yaml)")
+    d.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    d.add_argument("--plain", action="store_true", help="one process, no Ray (the reference)")
+    d.add_argument("--config", default=str(DEMO_CONFIG), help="config file (default: demo)")
+    r = sub.add_parser("report", help="rebuild RUN_DIR/report/ (figures + index.html)")
+    r.add_argument("run_dir", help="a run's output directory")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    if args.print:  # stdout stays pure YAML: `validate --print > resolved.yaml` reloads
+        print(dump_yaml(cfg), end="")
+    print(f"{args.config}: valid", file=sys.stderr if args.print else sys.stdout)
+
+
+def _report(args: argparse.Namespace) -> None:
+    run = Path(args.run_dir)
+    if (run / "pocl" / "metrics.jsonl").exists():  # written by `pocl-ray pipeline` / `demo`
+        from pocl_ray.report import RUN_LABELS, pipeline_report
+        from pocl_ray.run_dir import RunDir
+
+        cfg = load_config(run / "config.yaml", [f"run.output_dir={run}"])
+        names = [n for n in RUN_LABELS if (run / n / "metrics.jsonl").exists()]
+        index = pipeline_report(cfg, RunDir(run), names)
+    else:  # written by `pocl-ray demo --plain`
+        from pocl_ray.plain import report_plain
+
+        index = report_plain(run)
+    print(f"report: {index}")
+
+
+def _run_job(args: argparse.Namespace) -> None:
+    """Load the config (every problem reported before any work), then run the job."""
+    if args.command == "demo":
+        cfg = load_config(args.config, args.overrides)
+        if args.plain:
+            from pocl_ray.plain import run_plain  # torch and transformers only here
+
+            run_plain(cfg)
+            return
+        args.command = "pipeline"
+    else:
+        cfg = load_config(args.config, args.overrides)
+    from jobs import distill, evaluate, pipeline, score, sft  # after the config is valid
+
+    run = {
+        "score": lambda: score.main(cfg, force=args.force),
+        "distill": lambda: distill.main(cfg),
+        "evaluate": lambda: evaluate.main(cfg, force=args.force),
+        "sft": lambda: sft.main(cfg, target=args.target),
+        "pipeline": lambda: pipeline.main(cfg),
+    }
+    run[args.command]()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's per-call INFO line
+    local_ray_env()  # before anything imports ray
+    try:
+        if args.command == "validate":
+            _validate(args)
+        elif args.command == "report":
+            _report(args)
+        else:
+            _run_job(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""What every job shares on the Ray side: the one Ray session, the resource preflight, and
+the job errors with their exit codes.
+
+Exit codes of `pocl-ray` / `python -m jobs` (the CLI maps them in one place):
+    0  done
+    2  the request is wrong: a config or data error (`ConfigError`, `DataError`), or
+       resources the cluster can never provide (`ResourceError`); nothing was started
+    3  the job could not finish correctly (`JobError`): a table that does not fit the run,
+       rows lost or duplicated, training failed after its restarts; the message says what
+       to do, and finished outputs are kept
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger("pocl_ray.ray")
+
+
+class JobError(RuntimeError):
+    """A job cannot run or finish correctly; the message says why and what to do."""
+
+    exit_code = 3
+
+
+class ResourceError(JobError):
+    """The job asks for CPUs / GPUs the cluster can never give (Ray would wait forever)."""
+
+    exit_code = 2
+
+
+# ---------------------------------------------------------------- the session
+
+
+def local_ray_env() -> None:
+    """Before `import ray`, for a Ray this process starts itself: the node address becomes
+    127.0.0.1 and every peer is loopback (ray-notes.md; single node only, which it is), no
+    usage stats, no Train V2 migration warnings. Joining a cluster (RAY_ADDRESS) keeps the
+    cluster's own settings."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def ray_session(*, cpus: float = 1.0) -> Iterator[None]:
+    """The job's Ray: the one already initialised in this process (kept), the cluster in
+    RAY_ADDRESS (`ray job submit` sets it), or a new local Ray bound to 127.0.0.1 with at
+    least `cpus` + 1 logical CPUs (one spare, so Ray Data's own tasks never starve behind
+    actors or Train workers; ray-notes.md). Whatever this call started, it shuts down.
+    """
+    local_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    t0 = time.perf_counter()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        log.info("ray: connected to %s", os.environ["RAY_ADDRESS"])
+    else:
+        num_cpus = max(os.cpu_count() or 1, math.ceil(cpus) + 1)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+        log.info(
+            "ray: started a local instance (%d logical CPUs, dashboard on 127.0.0.1) in %.1f s",
+            num_cpus,
+            time.perf_counter() - t0,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- the preflight
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What a pool of actors, a worker group or a set of trials asks the cluster for."""
+
+    what: str
+    """e.g. "scoring", "eval", "training"."""
+    count: int
+    cpus: float
+    gpus: float
+    keys: str
+    """The config keys that set it, for the fix (e.g. "scoring.num_actors / cpus_per_actor")."""
+    gpu_key: str
+    """The config setting that asks for the GPU (e.g. "scoring.gpus_per_actor=1")."""
+    cpu_free: str
+    """How to ask for no GPU (e.g. "scoring.gpus_per_actor=0")."""
+
+
+def preflight(req: Request, cluster: Mapping[str, float]) -> None:
+    """Raise ResourceError when `req` can never be placed on `cluster` (`ray.cluster_resources()`).
+
+    Ray would queue such a request forever without an error (ray-notes.md), so every job
+    checks before any model is loaded or trained. On an autoscaling cluster this sees the
+    nodes that are up now (docs/jobs.md).
+    """
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if req.gpus > 0 and gpus == 0:
+        raise ResourceError(
+            f"{req.gpu_key} but this Ray cluster has no GPU (resources: {describe(cluster)}); "
+            f"set {req.cpu_free} to run on CPUs, or connect to a cluster with GPUs "
+            "(RAY_ADDRESS=... or `ray job submit`)"
+        )
+    for kind, each, have in (("GPU", req.gpus, gpus), ("CPU", req.cpus, cpus)):
+        if each * req.count > have:
+            raise ResourceError(
+                f"{req.what} needs {req.count} x {each:g} {kind} = {each * req.count:g} "
+                f"{kind}s; the cluster has {have:g}; lower {req.keys}"
+            )
+
+
+def pool_request(section: str, num_actors: int, cpus: float, gpus: float) -> Request:
+    """A Ray Data actor pool of config section `section` (scoring, eval)."""
+    return Request(
+        what=section,
+        count=num_actors,
+        cpus=cpus,
+        gpus=gpus,
+        keys=f"{section}.num_actors or {section}.cpus_per_actor / gpus_per_actor",
+        gpu_key=f"{section}.gpus_per_actor={gpus:g}",
+        cpu_free=f"{section}.gpus_per_actor=0",
+    )
+
+
+def worker_request(scaling) -> Request:
+    """A Ray Train worker group (`scaling`); local mode (num_workers 0) runs in this process
+    and only its GPU counts."""
+    per_gpu = scaling.resources_per_worker.get("GPU", 1.0 if scaling.use_gpu else 0.0)
+    per_cpu = scaling.resources_per_worker.get("CPU", 1.0) if scaling.num_workers else 0.0
+    return Request(
+        what="training",
+        count=max(scaling.num_workers, 1),
+        cpus=per_cpu,
+        gpus=per_gpu,
+        keys="scaling.num_workers or scaling.resources_per_worker (e.g. {CPU: 0.5})",
+        gpu_key="scaling.use_gpu=true",
+        cpu_free="scaling.use_gpu=false",
+    )
+
+
+def describe(resources: Mapping[str, float]) -> str:
+    parts = [f"{k}={resources[k]:g}" for k in ("CPU", "GPU") if k in resources]
+    if "memory" in resources:
+        parts.append(f"memory={resources['memory'] / 2**30:.1f} GiB")
+    return ", ".join(parts) or "none"
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
