@@ -45,17 +45,18 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from jobs import distill, score  # noqa: E402
 from pocl_ray import curriculum, models  # noqa: E402
 from pocl_ray.config import load_config  # noqa: E402
-from pocl_ray.data import TokenizedExample, collate  # noqa: E402
+from pocl_ray.data import TokenizedExample, collate, example_from_row  # noqa: E402
+from pocl_ray.loop import run_curriculum  # noqa: E402
 from pocl_ray.losses import (  # noqa: E402
     per_token_kd,
     student_bucket_log_probs,
     tail_log_partition,
     topk_per_token_kd,
 )
+from pocl_ray.run_dir import RunDir  # noqa: E402
+from pocl_ray.scores import TOPK_CACHE, read_scores  # noqa: E402
 from pocl_ray.train_step import (  # noqa: E402
-    TOPK_CACHE,
     loss_terms,
-    run_curriculum,
     shifted,
     topk_targets,
 )
@@ -105,18 +106,8 @@ def steady(windows: list[tuple[int, int, float, float]]) -> dict:
 
 
 def table_examples(out: Path) -> tuple[list[TokenizedExample], list[int], list]:
-    table = score.read_scores(out)
-    examples = [
-        TokenizedExample(
-            sample_id=r.sample_id,
-            input_ids=[int(t) for t in r.input_ids],
-            labels=[int(t) for t in r.labels],
-            prompt_length=int(r.prompt_length),
-            prompt_truncated=False,
-            response_truncated=False,
-        )
-        for r in table.itertuples()
-    ]
+    table = read_scores(RunDir(out))
+    examples = [example_from_row(row) for _, row in table.iterrows()]
     cache = [tuple(np.stack(x) for x in row) for row in zip(*(table[c] for c in TOPK_CACHE))]
     return examples, table["difficulty_rank"].tolist(), cache
 

@@ -34,10 +34,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pocl_ray import models, ray_data  # noqa: E402
+from pocl_ray import (  # noqa: E402
+    artifacts,  # noqa: E402
+    models,
+    ray_data,
+)
 from pocl_ray.config import load_config, to_dict  # noqa: E402
-from pocl_ray.data import TokenizedExample, split_train_eval, tokenize_records  # noqa: E402
-from pocl_ray.plain import get_tokenizer, load_task_records  # noqa: E402
+from pocl_ray.data import example_from_row  # noqa: E402
+from pocl_ray.run_dir import RunDir  # noqa: E402
 from pocl_ray.signals import score_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +81,9 @@ def prepare(size: str, rows: int | None, out: Path):
     overrides = [f"data.builtin_size={rows}", f"run.output_dir={out / size}"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides + SIZES[size][0])
     run = Path(cfg.run.output_dir)
-    loaded = load_task_records(cfg, run)
-    train, _ = split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
-    tok = get_tokenizer(cfg, train, run)
-    lengths = dict(max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
-    examples = tokenize_records(train, tok, **lengths).examples
+    train = artifacts.read_inputs(cfg, RunDir(run)).train
+    tok = artifacts.tokenizer(cfg, RunDir(run), train)
+    examples = artifacts.tokenize(cfg, tok, train)
     paths = {"tokenizer": str(run / "tokenizer"), "teacher": None}
     torch.manual_seed(0)
     scorer = models.build_tiny(cfg.student, tok, cfg.data.max_length)
@@ -99,18 +101,8 @@ def plain_loop(cfg, tok, table, scorer, teacher, threads: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    for batch in ray_data.scoring_batches(table, cfg.scoring.batch_size):
-        examples = [
-            TokenizedExample(
-                sample_id=r.sample_id,
-                input_ids=list(r.input_ids),
-                labels=list(r.labels),
-                prompt_length=r.prompt_length,
-                prompt_truncated=False,
-                response_truncated=bool(r.response_truncated),
-            )
-            for r in batch.itertuples()
-        ]
+    for batch in ray_data.scoring_blocks(table, cfg.scoring.batch_size):  # the pool's batches
+        examples = [example_from_row(row) for _, row in batch.iterrows()]
         score_batch(
             examples,
             list(batch["references"]),
@@ -135,15 +127,16 @@ def ray_pool(cfg, table, paths, actors: int, warm_up: bool = False) -> dict:
 
     def timed(rows) -> float:
         ds = ray_data.scoring_dataset(rows, cfg.scoring.batch_size)
-        scored = ray_data.scored_dataset(
-            ds,
-            config=to_dict(cfg),
-            paths=paths,
-            scoring=cfg.scoring,
-            max_new_tokens=cfg.scoring.max_new_tokens,
-        )
         t0 = time.perf_counter()
-        n = len(scored.to_pandas())
+        n = len(
+            ray_data.score_rows(
+                ds,
+                config=to_dict(cfg),
+                sig=cfg.scoring,
+                paths=paths,
+                max_new_tokens=cfg.scoring.max_new_tokens,
+            )
+        )
         assert n == len(rows), f"{n} rows scored for {len(rows)} in"
         return time.perf_counter() - t0
 

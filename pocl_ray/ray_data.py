@@ -86,14 +86,14 @@ def collect(ds: ray.data.Dataset) -> pd.DataFrame:
     return ds.to_pandas()
 
 
-def sorted_batches(rows: pd.DataFrame, keys: dict[str, pd.Series], size: int) -> ray.data.Dataset:
-    """`rows` sorted by `keys` (stable) and cut into blocks of `size` rows: with
-    map_batches(batch_size=size) each actor call gets exactly one block, and which rows share
-    a batch depends only on the set of rows."""
+def sorted_blocks(rows: pd.DataFrame, keys: dict[str, pd.Series], size: int) -> list[pd.DataFrame]:
+    """`rows` sorted by `keys` (stable) and cut into blocks of `size` rows: as a Ray dataset
+    with map_batches(batch_size=size) each actor call gets exactly one block, and which rows
+    share a batch depends only on the set of rows."""
     order = pd.DataFrame({k: v.to_numpy() for k, v in keys.items()})
     order = order.sort_values(list(keys), kind="stable")
     rows = rows.iloc[order.index.to_numpy()].reset_index(drop=True)
-    return ray.data.from_pandas([rows.iloc[i : i + size] for i in range(0, len(rows), size)])
+    return [rows.iloc[i : i + size] for i in range(0, len(rows), size)]
 
 
 def _device(gpus: float) -> torch.device:
@@ -119,10 +119,15 @@ def example_rows(
     )
 
 
-def scoring_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
-    """One block per scoring batch, rows sorted by (length, sample_id): little padding."""
+def scoring_blocks(rows: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """The scoring batches: rows sorted by (length, sample_id), so little padding."""
     keys = {"n": rows["input_ids"].map(len), "id": rows["sample_id"]}
-    return sorted_batches(rows, keys, batch_size)
+    return sorted_blocks(rows, keys, batch_size)
+
+
+def scoring_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
+    """One block per scoring batch (`scoring_blocks`)."""
+    return ray.data.from_pandas(scoring_blocks(rows, batch_size))  # ray:
 
 
 class ScorerActor:
@@ -258,7 +263,7 @@ def generation_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
     seed): prompts of similar length share a batch, an example's seeds sit side by side."""
     keys = {"n": rows["prompt"].map(len), "set": rows["set"], "id": rows["sample_id"],
             "seed": rows["seed"]}  # fmt: skip
-    return sorted_batches(rows, keys, batch_size)
+    return ray.data.from_pandas(sorted_blocks(rows, keys, batch_size))  # ray:
 
 
 def _padding_false_alarm(record: logging.LogRecord) -> bool:
