@@ -19,19 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs import runtime
-from pocl_ray import artifacts, evaluation
+from pocl_ray import artifacts, evaluation, run_dir
 from pocl_ray.config import HELDOUT, Config, named_entry, save_resolved, to_dict
-from pocl_ray.run_dir import (
-    RunDir,
-    hash_json,
-    model_id,
-    now_utc,
-    replace_dir,
-    reuse_verdict,
-    scratch_dir,
-    versions,
-    write_manifest,
-)
+from pocl_ray.run_dir import RunDir
 
 log = logging.getLogger("pocl_ray.evaluate")
 
@@ -43,14 +33,19 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
     """
     run, ev = RunDir(Path(cfg.run.output_dir)), cfg.eval
     save_resolved(cfg, run.root)
-    tmp = scratch_dir(run.eval)
+    tmp = run_dir.scratch_dir(run.eval)
     try:
         # 1. inputs and reuse
         sets, specs = _inputs(cfg, run, tmp)
         key = {
-            "config_hash": hash_json(evaluation.hashed_config(cfg)),
-            "models": {n: {"id": model_id(s["path"]), "tokenizer_id": model_id(s["tokenizer"])}
-                       for n, s in specs.items()},  # fmt: skip
+            "config_hash": run_dir.hash_json(evaluation.hashed_config(cfg)),
+            "models": {
+                n: {
+                    "id": run_dir.model_id(s["path"]),
+                    "tokenizer_id": run_dir.model_id(s["tokenizer"]),
+                }
+                for n, s in specs.items()
+            },
             "sets": {s.name: evaluation.set_fingerprint(s) for s in sets},
         }
 
@@ -59,7 +54,7 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
             missing = [f for f in files if not (run.eval / f).exists()]
             return f"{', '.join(missing)} missing" if missing else None
 
-        reuse, why = reuse_verdict(run.eval, key, format_version=evaluation.FORMAT_VERSION,
+        reuse, why = run_dir.reuse_verdict(run.eval, key, format_version=evaluation.FORMAT_VERSION,
                                    complete=complete)  # fmt: skip
         if reuse and not force:
             print(f"eval: reusing the results in {run.eval} ({why}); --force re-evaluates")
@@ -79,7 +74,7 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
             )
             t0 = time.perf_counter()
             rows, got = _answer(cfg, sets, specs, columns)
-            seconds = time.perf_counter() - t0
+            seconds, ray_version = time.perf_counter() - t0, runtime.ray_version()
         # 4. accounting, tables, files
         try:
             g = evaluation.answers_table(got, rows, list(specs), [s.name for s in sets])
@@ -88,9 +83,10 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
         results = evaluation.results_table(g, list(specs), [s.name for s in sets])
         results.to_csv(tmp / evaluation.RESULTS_FILE, index=False, float_format="%.6f")
         evaluation.write_generations(tmp / evaluation.GENERATIONS_FILE, g)
-        write_manifest(tmp, _manifest(cfg, key, sets, specs, rows=len(rows), answers=len(g),
-                                      seconds=seconds))  # fmt: skip
-        replace_dir(tmp, run.eval)
+        manifest = evaluation.manifest(cfg, key, sets, specs, rows=len(rows), answers=len(g),
+                                       seconds=seconds, ray_version=ray_version)  # fmt: skip
+        run_dir.write_manifest(tmp, manifest)
+        run_dir.replace_dir(tmp, run.eval)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when the results were swapped in
     print(f"eval: {len(g)} answers in {seconds:.1f} s ({len(g) / seconds:.1f}/s) -> {run.eval} "
@@ -159,38 +155,9 @@ def _answer(cfg: Config, sets, specs, columns):
         ray_data.generation_dataset(rows, cfg.eval.batch_size),
         config=to_dict(cfg),  # the one place the config crosses into Ray workers
         ev=cfg.eval,
-        model_specs={n: {k: s[k] for k in ("path", "tokenizer", "ids", "cut", "max_new_tokens")}
-                     for n, s in specs.items()},  # fmt: skip
+        model_specs={
+            n: {k: s[k] for k in ("path", "tokenizer", "ids", "cut", "max_new_tokens")}
+            for n, s in specs.items()
+        },  # fmt: skip
     )
     return rows, got
-
-
-def _manifest(cfg: Config, key, sets, specs, *, rows: int, answers: int, seconds: float) -> dict:
-    import ray
-
-    ev = cfg.eval
-    return {
-        "format_version": evaluation.FORMAT_VERSION,
-        "created": now_utc(),
-        "key": key,
-        "models": {n: {k: s[k] for k in ("path", "tokenizer", "max_new_tokens")}
-                   for n, s in specs.items()},  # fmt: skip
-        "sets": {s.name: {"path": s.path, "evaluated": len(s.records), "available": s.available,
-                          "rejected": s.rejected} for s in sets},  # fmt: skip
-        "decoding": {
-            "decoding": ev.decoding,
-            "seeds": None if ev.decoding == "greedy" else list(ev.seeds),
-            "temperature": ev.temperature, "top_p": ev.top_p, "top_k": ev.top_k,
-            "no_repeat_ngram_size": ev.no_repeat_ngram_size,
-            "max_new_tokens": ev.max_new_tokens,
-            "seeding": "per (seed, sample): sha256(f'{seed}:{sample_id}') -> torch.Generator",
-        },  # fmt: skip
-        "counts": {"rows": rows, "answers": answers},
-        "timings_s": {"generate": round(seconds, 3)},
-        "throughput_answers_per_s": round(answers / seconds, 2),
-        "ray": {"version": ray.__version__, "num_actors": ev.num_actors,
-                "cpus_per_actor": ev.cpus_per_actor, "gpus_per_actor": ev.gpus_per_actor,
-                "batch_size": ev.batch_size},  # fmt: skip
-        "versions": versions(),
-        "config": to_dict(cfg),
-    }

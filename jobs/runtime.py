@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("pocl_ray.ray")
 
@@ -51,6 +52,24 @@ def local_ray_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+EXPECTED_LINES = (
+    "one 'core_worker.cc ... has constructor arguments in the object store and max_restarts > 0'"
+    " line per restartable actor (our pools and Ray Train's own) is expected (ray#53727)"
+)
+
+
+def quiet_console() -> None:
+    """What a successful job shows: our lines, Ray's progress (bars on a terminal), nothing
+    alarming. Token authentication on a local Ray (a token in ~/.ray) is reported by us in
+    one line instead of Ray's warning; transformers' per-file bars are off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+
+
 @contextmanager
 def ray_session(*, cpus: float = 1.0) -> Iterator[None]:
     """The job's Ray: the one already initialised in this process (kept), the cluster in
@@ -59,7 +78,9 @@ def ray_session(*, cpus: float = 1.0) -> Iterator[None]:
     actors or Train workers; ray-notes.md). Whatever this call started, it shuts down.
     """
     local_ray_env()
+    quiet_console()
     import ray
+    from ray.data import DataContext
 
     if ray.is_initialized():
         yield
@@ -81,10 +102,22 @@ def ray_session(*, cpus: float = 1.0) -> Iterator[None]:
             num_cpus,
             time.perf_counter() - t0,
         )
+    log.info("ray: token authentication %s; %s", "on" if _token_auth() else "off", EXPECTED_LINES)
+    DataContext.get_current().print_on_execution_start = False  # progress only, no plans
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _token_auth() -> bool:
+    """Ray 2.60's rule: on with RAY_AUTH_MODE=token, or when a token exists (RAY_AUTH_TOKEN,
+    the file in RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), unless RAY_AUTH_MODE=disabled."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:
+        return mode == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).exists()
 
 
 # ---------------------------------------------------------------- the preflight
@@ -169,3 +202,9 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return ray.cluster_resources()
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__

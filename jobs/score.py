@@ -20,17 +20,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from pocl_ray import artifacts, difficulty, scores
+from pocl_ray import artifacts, scores
 from pocl_ray.config import Config, save_resolved, to_dict
 from pocl_ray.evaluation import answer_budget
 from pocl_ray.run_dir import (
     Locations,
     RunDir,
-    now_utc,
     replace_dir,
     reuse_verdict,
     scratch_dir,
-    versions,
     write_manifest,
 )
 
@@ -52,7 +50,6 @@ def main(cfg: Config, *, force: bool = False, fault: dict[str, Any] | None = Non
 
 
 def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
-    import ray
 
     from pocl_ray import ray_data
 
@@ -121,40 +118,20 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         raise runtime.JobError("row accounting failed; the scores table was NOT written:\n"
                                + "\n".join(f"  - {p}" for p in problems))  # fmt: skip
     table = scores.build_table(scored, inputs.train, train_ex, cfg)
-    quality = scores.measurer_quality(table, sig.signals)
     tmp = scratch_dir(run.scores)
     (tmp / scores.TABLE_DIR).mkdir()
     arrow = scores.to_arrow(table, sig.signals, sig.teacher_topk, sig.cache_taus)
     pq.write_table(arrow, tmp / scores.TABLE_DIR / scores.TABLE_FILE)
-    means = {s: float(table[s].mean()) for s in sig.signals}
     resources = runtime.cluster_resources()
-    write_manifest(tmp, {
-        "format_version": scores.FORMAT_VERSION,
-        "created": now_utc(),
-        "key": key,
-        "model_paths": paths,
-        "signals": list(sig.signals),
-        "teacher_topk": sig.teacher_topk,
-        "cache_taus": list(sig.cache_taus) if sig.teacher_topk > 0 else None,
-        "answer_tokens": budget,
-        "stage_sizes": difficulty.stage_sizes(len(table), cfg.curriculum.num_stages,
-                                              cfg.curriculum.fractions),
-        "counts": counts,
-        "signal_means": means,
-        "measurer_quality": quality,
-        "table": {"path": scores.TABLE_DIR, "files": [scores.TABLE_FILE], "rows": len(table)},
-        "timings_s": {"scoring": round(scoring_s, 3),
-                      "total": round(time.perf_counter() - t_start, 3)},
-        "throughput_rows_per_s": round(len(table) / scoring_s, 2),
-        "ray": {"version": ray.__version__, "num_actors": sig.num_actors,
-                "cpus_per_actor": sig.cpus_per_actor, "gpus_per_actor": sig.gpus_per_actor,
-                "batch_size": sig.batch_size,
-                "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources}},
-        "versions": versions(),
-        "hashed_config": scores.hashed_config(cfg),
-        "config": to_dict(cfg),
-    })  # fmt: skip
+    manifest = scores.manifest(
+        cfg, table, key=key, paths=paths, counts=counts, answer_tokens=budget,
+        seconds={"scoring": scoring_s, "total": time.perf_counter() - t_start},
+        ray={"version": runtime.ray_version(),
+             "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources}},
+    )  # fmt: skip
+    write_manifest(tmp, manifest)
     replace_dir(tmp, run.scores)
+    quality, means = manifest["measurer_quality"], manifest["signal_means"]
     rho = "" if quality is None else f"; Spearman(rank, true level) {quality['fused']:.3f}"
     print(
         f"scores: {len(table)} rows in {scoring_s:.1f} s ({len(table) / scoring_s:.1f} rows/s); "

@@ -14,16 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pocl_ray import models, tasks
+from pocl_ray import data, models, tasks
 from pocl_ray.config import Config, to_dict
-from pocl_ray.data import (
-    LoadResult,
-    Record,
-    TokenizedExample,
-    load_records,
-    split_train_eval,
-    tokenize_records,
-)
+from pocl_ray.data import LoadResult, Record, TokenizedExample
 from pocl_ray.loop import sft
 from pocl_ray.run_dir import Locations, RunDir, data_fingerprint, hash_json, model_id
 
@@ -58,7 +51,7 @@ def read_inputs(cfg: Config, run: RunDir) -> Inputs:
     if source == "builtin":
         generated = tasks.generate(cfg.data.builtin_size, cfg.run.seed)
         source = tasks.write_jsonl(generated, run.data / "tasks.jsonl")
-    loaded = load_records(
+    loaded = data.load_records(
         source,
         format=cfg.data.format,
         split=cfg.data.split,
@@ -66,7 +59,7 @@ def read_inputs(cfg: Config, run: RunDir) -> Inputs:
         on_bad_record=cfg.data.on_bad_record,
         rejects_path=run.root / "rejects.jsonl",
     )
-    train, held = split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
+    train, held = data.split_train_eval(loaded.records, cfg.data.eval_fraction, seed=cfg.run.seed)
     return Inputs(loaded=loaded, train=train, held=held, fingerprint=data_fingerprint(loaded))
 
 
@@ -83,7 +76,7 @@ def tokenizer(cfg: Config, run: RunDir, train: list[Record]):
 def tokenize(cfg: Config, tok, records: list[Record]) -> list[TokenizedExample]:
     """Records -> training examples with the configured prompt and sequence lengths."""
     lengths = dict(max_prompt_length=cfg.data.max_prompt_length, max_length=cfg.data.max_length)
-    return tokenize_records(records, tok, **lengths).examples
+    return data.tokenize_records(records, tok, **lengths).examples
 
 
 def run_sft(cfg: Config, model, examples, tok, *, epochs: int, on_epoch=None) -> list[float]:

@@ -25,6 +25,24 @@ SIGNALS = ("rouge", "nll", "teacher_nll", "kd_gap")
 KD_KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
 
 
+def bounds(
+    section: str, obj: Any, *, at_least: dict[str, float], above: dict[str, float] | None = None
+) -> list[str]:
+    """`section.field: got v; must be >= m` for every field of `obj` below its minimum
+    (`at_least`), `...; must be > m` for every field not above its bound (`above`)."""
+    out = [
+        f"{section}.{name}: got {getattr(obj, name)}; must be >= {low}"
+        for name, low in at_least.items()
+        if getattr(obj, name) < low
+    ]
+    out += [
+        f"{section}.{name}: got {getattr(obj, name)}; must be > {low}"
+        for name, low in (above or {}).items()
+        if getattr(obj, name) <= low
+    ]
+    return out
+
+
 class ConfigError(ValueError):
     """Every problem found in a config, one per line."""
 
@@ -132,16 +150,10 @@ class SFTConfig:
     from a pretrained student; a random one would make the student-based signals noise)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.epochs < 1:
-            out.append(f"sft.epochs: got {self.epochs}; must be >= 1")
-        if self.lr <= 0:
-            out.append(f"sft.lr: got {self.lr}; must be > 0")
-        if self.batch_size < 1:
-            out.append(f"sft.batch_size: got {self.batch_size}; must be >= 1")
-        if self.student_epochs < 0:
-            out.append(f"sft.student_epochs: got {self.student_epochs}; must be >= 0")
-        return out
+        return bounds(
+            "sft", self, at_least={"epochs": 1, "batch_size": 1, "student_epochs": 0},
+            above={"lr": 0},
+        )  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -173,15 +185,13 @@ class ScoringConfig:
                 out.append(f"scoring.signals: unknown signal {s!r}; allowed {list(SIGNALS)}")
         if len(set(self.signals)) != len(self.signals):
             out.append(f"scoring.signals: got {self.signals}; each signal at most once")
-        if self.fusion_k < 1:
-            out.append(f"scoring.fusion_k: got {self.fusion_k}; must be >= 1")
-        for name in ("max_new_tokens", "batch_size", "num_actors"):
-            if getattr(self, name) < 1:
-                out.append(f"scoring.{name}: got {getattr(self, name)}; must be >= 1")
+        out += bounds(
+            "scoring", self,
+            at_least={"fusion_k": 1, "max_new_tokens": 1, "batch_size": 1, "num_actors": 1,
+                      "teacher_topk": 0},
+        )  # fmt: skip
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             out.append("scoring.cpus_per_actor / gpus_per_actor: must be >= 0")
-        if self.teacher_topk < 0:
-            out.append(f"scoring.teacher_topk: got {self.teacher_topk}; must be >= 0")
         taus = self.cache_taus
         if not taus or any(t <= 0 for t in taus) or any(a >= b for a, b in zip(taus, taus[1:])):
             out.append(
@@ -310,19 +320,12 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def problems(self) -> list[str]:
-        out = []
-        if self.lr <= 0:
-            out.append(f"optim.lr: got {self.lr}; must be > 0")
+        out = bounds(
+            "optim", self, at_least={"weight_decay": 0, "batch_size": 1, "warmup_steps": 0},
+            above={"lr": 0, "grad_clip": 0},
+        )  # fmt: skip
         if not 0 <= self.min_lr <= self.lr:
-            out.append(f"optim.min_lr: got {self.min_lr}; allowed 0..optim.lr ({self.lr})")
-        if self.weight_decay < 0:
-            out.append(f"optim.weight_decay: got {self.weight_decay}; must be >= 0")
-        if self.batch_size < 1:
-            out.append(f"optim.batch_size: got {self.batch_size}; must be >= 1")
-        if self.grad_clip <= 0:
-            out.append(f"optim.grad_clip: got {self.grad_clip}; must be > 0")
-        if self.warmup_steps < 0:
-            out.append(f"optim.warmup_steps: got {self.warmup_steps}; must be >= 0")
+            out.insert(1, f"optim.min_lr: got {self.min_lr}; allowed 0..optim.lr ({self.lr})")
         return out
 
 

@@ -27,7 +27,7 @@ from transformers import AutoConfig, LogitsProcessor, LogitsProcessorList
 from pocl_ray.config import HELDOUT, Config, EvalConfig, named_entry, to_dict
 from pocl_ray.data import LoadResult, Record, load_records, prompt_batch, tokenize_record
 from pocl_ray.models import eos_token_ids, load_tokenizer, max_positions
-from pocl_ray.run_dir import Locations, RunDir, data_fingerprint
+from pocl_ray.run_dir import Locations, RunDir, data_fingerprint, now_utc, versions
 
 log = logging.getLogger("pocl_ray.evaluate")
 
@@ -567,3 +567,51 @@ def write_generations(path: Path, g: pd.DataFrame) -> None:
             item["prompt_tokens"] = int(item["prompt_tokens"])
             item["prompt_truncated"] = bool(item["prompt_truncated"])
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+def manifest(
+    cfg: Config, key: dict, sets: Sequence[EvalSet], specs: dict[str, dict[str, Any]], *,
+    rows: int, answers: int, seconds: float, ray_version: str,
+) -> dict[str, Any]:
+    """`eval/manifest.json`: what was evaluated (the reuse key, models, sets), how
+    (decoding), how much and how fast."""
+    ev = cfg.eval
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": now_utc(),
+        "key": key,
+        "models": {
+            n: {k: s[k] for k in ("path", "tokenizer", "max_new_tokens")} for n, s in specs.items()
+        },  # fmt: skip
+        "sets": {
+            s.name: {
+                "path": s.path,
+                "evaluated": len(s.records),
+                "available": s.available,
+                "rejected": s.rejected,
+            }
+            for s in sets
+        },  # fmt: skip
+        "decoding": {
+            "decoding": ev.decoding,
+            "seeds": None if ev.decoding == "greedy" else list(ev.seeds),
+            "temperature": ev.temperature,
+            "top_p": ev.top_p,
+            "top_k": ev.top_k,
+            "no_repeat_ngram_size": ev.no_repeat_ngram_size,
+            "max_new_tokens": ev.max_new_tokens,
+            "seeding": "per (seed, sample): sha256(f'{seed}:{sample_id}') -> torch.Generator",
+        },  # fmt: skip
+        "counts": {"rows": rows, "answers": answers},
+        "timings_s": {"generate": round(seconds, 3)},
+        "throughput_answers_per_s": round(answers / seconds, 2),
+        "ray": {
+            "version": ray_version,
+            "num_actors": ev.num_actors,
+            "cpus_per_actor": ev.cpus_per_actor,
+            "gpus_per_actor": ev.gpus_per_actor,
+            "batch_size": ev.batch_size,
+        },  # fmt: skip
+        "versions": versions(),
+        "config": to_dict(cfg),
+    }

@@ -46,16 +46,15 @@ class StageProgress:
     `reduced` sums them over all ranks. Token-weighted, so summed sums stay exact."""
 
     num_buckets: int
+    # sums of token-weighted values: CE · its tokens (the reference response tokens), KD · its
+    # tokens (reference ones, or the student's samples on on-policy steps), and those counts
     ce_sum: float = 0.0
-    """Σ CE · its tokens (reference response tokens)."""
     kd_sum: float = 0.0
-    """Σ KD · its tokens (reference, or sampled on on-policy steps)."""
     tokens: float = 0.0
     kd_tokens: float = 0.0
-    rows: float = 0.0
-    on_policy_steps: float = 0.0
-    seconds: float = 0.0
-    """Σ step seconds / world size: summed over ranks, the mean step time."""
+    rows: float = 0.0  # samples visited
+    on_policy_steps: float = 0.0  # counted once per step, not once per rank
+    seconds: float = 0.0  # Σ step seconds / world size: summed over ranks, the mean step time
     bucket_loss: list[float] = field(default_factory=list)
     """Per difficulty bucket: Σ of its rows' summed mixed loss."""
     bucket_tokens: list[float] = field(default_factory=list)

@@ -504,6 +504,15 @@ class RunLog:
         self.tb.flush()
         print(stage_line(last, self.num_stages), flush=True)
 
+    def progress(self, stage: int, k: int, total: int, loss: float) -> None:
+        """A line at each quarter of a stage (Ray Train draws no progress bar)."""
+        if k in {math.ceil(total * q) for q in (0.25, 0.5, 0.75)} and k < total:
+            print(
+                f"stage {stage + 1}/{self.num_stages}: {k}/{total} steps ({100 * k // total}%), "
+                f"step loss {loss:.4f}",
+                flush=True,
+            )
+
     def close(self) -> None:
         self.tb.close()
 
@@ -518,6 +527,9 @@ class NullLog:
         pass
 
     def stages(self, summaries: list[dict]) -> None:
+        pass
+
+    def progress(self, stage: int, k: int, total: int, loss: float) -> None:
         pass
 
     def close(self) -> None:
@@ -612,8 +624,10 @@ class Worker:
             t0, tokens = self.window
             self.window = (t0, tokens + n_all)
             k = pos.step_in_stage + 1
-            if self.global_step % self.cfg.run.log_every == 0 or k == self.plan[stage].total_steps:
+            total = self.plan[stage].total_steps
+            if self.global_step % self.cfg.run.log_every == 0 or k == total:
                 self._log(pos, res, step, n_all, ce_sum, kd_sum, kd_tokens, seconds)
+            self.log.progress(stage, k, total, res.loss)
             every = self.cfg.run.checkpoint_every
             # (the last step of a stage: the stage boundary checkpoints anyway)
             if every and self.global_step % every == 0 and k < self.plan[stage].total_steps:

@@ -33,39 +33,18 @@ from pocl_ray.config import Config
 from pocl_ray.data import LoadResult
 
 
-@dataclass(frozen=True)
 class RunDir:
-    """The folders and files of one run directory."""
+    """The folders of one run directory (the module docstring lists what each holds)."""
 
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def teacher(self) -> Path:
-        return self.root / "teacher"
-
-    @property
-    def student_init(self) -> Path:
-        return self.root / "student_init"
-
-    @property
-    def scores(self) -> Path:
-        return self.root / "scores"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.tokenizer = self.root / "tokenizer"
+        self.teacher = self.root / "teacher"
+        self.student_init = self.root / "student_init"
+        self.scores = self.root / "scores"
+        self.eval = self.root / "eval"
+        self.report = self.root / "report"
 
     def storage(self, cfg: Config) -> Path:
         """Ray Train / Tune storage: run.storage_path, else `<root>/ray`."""

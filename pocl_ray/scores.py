@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pocl_ray import curriculum, difficulty
 from pocl_ray.config import Config, ScoringConfig, to_dict
 from pocl_ray.data import IGNORE_INDEX, Record, TokenizedExample
-from pocl_ray.run_dir import RunDir, differences, hash_json, model_id
+from pocl_ray.run_dir import RunDir, differences, hash_json, model_id, now_utc, versions
 
 FORMAT_VERSION = 2
 TABLE_DIR = "table"
@@ -269,3 +269,49 @@ def table_problems(
         if recorded is not None and now is not None and now != recorded:
             out.append(f"{name}: changed since scoring (id {recorded} in the table, {now} now)")
     return out
+
+
+def manifest(
+    cfg: Config,
+    table: pd.DataFrame,
+    *,
+    key: dict[str, Any],
+    paths: Mapping[str, str | None],
+    counts: dict[str, int],
+    answer_tokens: int,
+    seconds: dict[str, float],
+    ray: dict[str, Any],
+) -> dict[str, Any]:
+    """`scores/manifest.json`: what the table was made from (the reuse `key`, the hashed
+    config, the model paths), what it holds (counts, stage sizes, signal means, the measurer's
+    agreement with the true level), and how it was made (timings, Ray, versions)."""
+    sig = cfg.scoring
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": now_utc(),
+        "key": key,
+        "model_paths": dict(paths),
+        "signals": list(sig.signals),
+        "teacher_topk": sig.teacher_topk,
+        "cache_taus": list(sig.cache_taus) if sig.teacher_topk > 0 else None,
+        "answer_tokens": answer_tokens,
+        "stage_sizes": difficulty.stage_sizes(
+            len(table), cfg.curriculum.num_stages, cfg.curriculum.fractions
+        ),
+        "counts": counts,
+        "signal_means": {s: float(table[s].mean()) for s in sig.signals},
+        "measurer_quality": measurer_quality(table, sig.signals),
+        "table": {"path": TABLE_DIR, "files": [TABLE_FILE], "rows": len(table)},
+        "timings_s": {k: round(v, 3) for k, v in seconds.items()},
+        "throughput_rows_per_s": round(len(table) / seconds["scoring"], 2),
+        "ray": {
+            **ray,
+            "num_actors": sig.num_actors,
+            "cpus_per_actor": sig.cpus_per_actor,
+            "gpus_per_actor": sig.gpus_per_actor,
+            "batch_size": sig.batch_size,
+        },
+        "versions": versions(),
+        "hashed_config": hashed_config(cfg),
+        "config": to_dict(cfg),
+    }
