@@ -155,9 +155,9 @@ def versions() -> dict[str, str]:
 
 
 def now_utc() -> str:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 
