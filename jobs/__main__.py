@@ -6,6 +6,7 @@
     pocl-ray evaluate CONFIG [...] [--force]   evaluation on Ray Data (docs/evaluate.md)
     pocl-ray sft      CONFIG [...] [--target]  supervised fine-tuning on Ray Train
     pocl-ray pipeline CONFIG [...]             every job in order, then the report
+    pocl-ray tune     CONFIG --space FILE [...] [--resume]   Ray Tune search (docs/tune.md)
     pocl-ray demo [--plain] [key=value ...]    the embedded default (configs/demo.yaml)
     pocl-ray report   RUN_DIR                  rebuild a run's report
 
@@ -25,7 +26,7 @@ from pocl_ray.config import ConfigError, dump_yaml, load_config
 from pocl_ray.data import DataError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline")
+JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline", "tune")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate": "evaluate models on eval sets with Ray Data (docs/evaluate.md)",
         "sft": "supervised fine-tuning (CE only) on Ray Train",
         "pipeline": "sft teacher -> score -> distill POCL, KD, SFT -> evaluate -> report",
+        "tune": "search the curriculum with Ray Tune on one scores table (docs/tune.md)",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text)
@@ -48,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--force", action="store_true", help="redo even if outputs match")
         if name == "validate":
             s.add_argument("--print", action="store_true", help="print the resolved config")
+        if name == "tune":
+            s.add_argument("--space", required=True, help="search space (tune_spaces/*.yaml)")
+            s.add_argument("--resume", action="store_true", help="continue an interrupted search")
         if name == "sft":
             s.add_argument(
                 "--target", choices=["teacher", "student"], default="teacher",
@@ -97,7 +102,7 @@ def _run_job(args: argparse.Namespace) -> None:
         args.command = "pipeline"
     else:
         cfg = load_config(args.config, args.overrides)
-    from jobs import distill, evaluate, pipeline, score, sft  # after the config is valid
+    from jobs import distill, evaluate, pipeline, score, sft, tune  # after the config is valid
 
     run = {
         "score": lambda: score.main(cfg, force=args.force),
@@ -105,12 +110,18 @@ def _run_job(args: argparse.Namespace) -> None:
         "evaluate": lambda: evaluate.main(cfg, force=args.force),
         "sft": lambda: sft.main(cfg, target=args.target),
         "pipeline": lambda: pipeline.main(cfg),
+        "tune": lambda: tune.main(cfg, space=args.space, resume=args.resume),
     }
     run[args.command]()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command == "report" or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # argparse ends the positionals at an option: `tune CONFIG --space F k=v ...`
+        args.overrides += extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

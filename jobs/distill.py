@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs import runtime, score
-from pocl_ray import artifacts, curriculum, difficulty, models, scores
+from pocl_ray import curriculum
 from pocl_ray.config import Config, save_resolved, to_dict
-from pocl_ray.run_dir import Locations, RunDir, absolute, changes, read_manifest
+from pocl_ray.run_dir import RunDir, absolute, read_manifest
 
 
 def main(cfg: Config, *, fault: dict[str, Any] | None = None) -> Path:
@@ -41,93 +41,34 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
     from pocl_ray import ray_train
 
     t_start = time.perf_counter()
-    run, cur = RunDir(Path(cfg.run.output_dir)), cfg.curriculum
-    world, cached = max(cfg.scaling.num_workers, 1), cfg.loss.teacher_source == "cache"
+    run = RunDir(Path(cfg.run.output_dir))
+    world = max(cfg.scaling.num_workers, 1)
 
-    # 2. the scores table, checked against this run's inputs
+    # 2.-4. the scores table (checked against this run's inputs), the plan and the stage
+    # datasets, the checkpoint to resume: `ray_train.prepare_distill`, shared with Tune trials
     if read_manifest(run.scores) is None:
         print(f"distill: no scores table in {run.scores}; running the scoring job first "
               "(`pocl-ray score` with this config)", flush=True)  # fmt: skip
         score.main(cfg)
-    manifest, inputs = read_manifest(run.scores), artifacts.read_inputs(cfg, run)
-    where = Locations.of(cfg, run)
-    folders = {"tokenizer": where.tokenizer, "teacher": where.teacher,
-               "student_init": where.student_init}  # fmt: skip
-    existing = {k: v for k, v in folders.items() if Path(v).exists()}
-    key_now = scores.table_key(cfg, inputs.fingerprint, existing)
-    if problems := scores.table_problems(cfg, manifest, key_now):
-        raise runtime.JobError(
-            f"the scores table in {run.scores} does not match this run:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + "\nrun `pocl-ray score` with the same config and overrides to rescore (it "
-            "replaces the table), or use another run.output_dir"
-        )
-    if cached and not manifest["teacher_topk"]:
-        raise runtime.JobError(
-            f"loss.teacher_source=cache but the table in {run.scores} has no teacher top-K; "
-            "run `pocl-ray score` with scoring.teacher_topk=K"
-        )
-    table = scores.training_table(cfg, run, cached=cached)
-    n = table.num_rows
-    tok = models.load_tokenizer(where.tokenizer, trust_remote_code=cfg.teacher.trust_remote_code)
-
-    # 3. the plan and the stage datasets
-    plan = curriculum.stage_table(
-        cur, n=n, batch_size=cfg.optim.batch_size * world, loss_alpha=cfg.loss.alpha
-    )
-    if not cached and any(p.kd_ratio > 0 for p in plan) and "teacher" not in existing:
-        # student-only signals: scoring never needed the teacher; train or load it now
-        artifacts.teacher(cfg, run, tok, artifacts.tokenize(cfg, tok, inputs.train))
-    ranks, ids = table.column("difficulty_rank").to_numpy(), table.column("sample_id").to_pylist()
-    order = curriculum.stage_order(ranks, ids, mode=cur.mode, seed=cfg.run.seed)
-    datasets = ray_train.stage_datasets(
-        ray.put(table.drop_columns(["difficulty_rank"])),  # ray: the table, once
-        plan,
-        curriculum.stage_subsets(order, [p.size for p in plan]),
-        seed=cfg.run.seed,
-        shuffle=cur.shuffle,
-        batch_size=cfg.optim.batch_size,
-        world_size=world,
-    )
-    if cur.plateau_patience:
-        dev = artifacts.tokenize(cfg, tok, inputs.held)[: cfg.eval.max_examples]
-        if not dev:
-            raise runtime.JobError("curriculum.plateau_patience needs held-out data to "
-                                   "evaluate on: set data.eval_fraction > 0")  # fmt: skip
-        datasets[ray_train.DEV_DATASET] = ray_train.examples_dataset(dev)
-
-    # 4. resume the same run.name, or start it
-    table_key = {**key_now, "config_hash": manifest["key"]["config_hash"]}
-    settings = ray_train.run_settings(cfg, n=n, world_size=world, table_key=table_key)
-    key = ray_train.settings_key(settings)
-    print(f"distill: plan for {n} samples, global batch {cfg.optim.batch_size * world}:")
-    print(curriculum.format_plan(plan), flush=True)
-    if _already_done(cfg, run, settings, key):
+    try:
+        setup = ray_train.prepare_distill(cfg, out=run.root, fault=fault)
+        latest = ray_train.latest_state(cfg, setup.job)
+    except ray_train.SetupError as e:
+        raise runtime.JobError(str(e)) from e
+    print(f"distill: plan for {setup.n} samples, global batch {cfg.optim.batch_size * world}:")
+    print(curriculum.format_plan(setup.plan), flush=True)
+    if _already_done(cfg, run, latest):
         return run.root
     save_resolved(cfg, run.root)
 
     # 5. train
-    job = {
-        "n": n,
-        "num_buckets": len(difficulty.stage_sizes(n, cur.num_stages, cur.fractions)),
-        "pad_id": tok.pad_token_id,
-        "eos_ids": list(models.eos_token_ids(None, tok)),
-        "tokenizer": where.tokenizer,
-        "teacher": where.teacher,
-        "student_init": where.student_init,
-        "settings": settings,
-        "settings_key": key,
-        "threads": ray_train.threads_per_worker(cfg),
-        "fault": fault,
-        "local_mode": cfg.scaling.num_workers == 0,
-    }
     ray_train.quiet_logs()  # local mode runs the loop in this process
     trainer = ray_train.build_trainer(
         ray_train.train_fn,
-        {"config": to_dict(cfg), "job": job},
+        {"config": to_dict(cfg), "job": setup.job},
         cfg,
         name=cfg.run.name,
-        datasets=datasets,
+        datasets=setup.datasets,
         plan_sharded=True,
         max_failures=cfg.run.max_failures,
         keep_checkpoints=cfg.run.keep_checkpoints,
@@ -154,32 +95,20 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
     return run.root
 
 
-def _already_done(cfg: Config, run: RunDir, settings: dict, key: str) -> bool:
-    """Say how the run continues: True when it is complete; raise when its checkpoint was
-    written with other settings."""
-    from pocl_ray import ray_train
-
-    if cfg.scaling.num_workers == 0:  # local mode keeps no checkpoints
-        return False
-    latest = ray_train.latest_checkpoint(run.storage(cfg) / cfg.run.name)
+def _already_done(cfg: Config, run: RunDir, latest: dict | None) -> bool:
+    """Say how the run continues from its latest checkpoint's state: True when it is
+    complete."""
     if latest is None:
         return False
-    state = ray_train.read_state(latest)
-    if state["settings_key"] != key:
-        raise runtime.JobError(
-            f"run {cfg.run.name!r} in {latest.parent} was started with other settings:\n"
-            + "\n".join(f"  - {c}" for c in changes(state["settings"], settings))
-            + "\nrestore them to resume it, or start a new run with another run.name"
-        )
-    pos = state["position"]
+    pos, ckpt = latest["position"], Path(latest["checkpoint"])
     if pos["done"] and (run.root / "student" / "config.json").exists():
         print(
-            f"distill: run {cfg.run.name!r} is already complete ({latest.name}); nothing to "
+            f"distill: run {cfg.run.name!r} is already complete ({ckpt.name}); nothing to "
             f"train. Student: {run.root / 'student'}; use another run.name to train again"
         )
         return True
     print(
-        f"distill: resuming run {cfg.run.name!r} from {latest}: stage {pos['stage']}, epoch "
+        f"distill: resuming run {cfg.run.name!r} from {ckpt}: stage {pos['stage']}, epoch "
         f"{pos['epoch']}, step {pos['step_in_epoch']} of the epoch (global step "
         f"{pos['global_step']}, {pos['samples_consumed']} samples consumed)",
         flush=True,

@@ -191,6 +191,31 @@ def worker_request(scaling) -> Request:
     )
 
 
+def trial_request(scaling) -> Request:
+    """One Tune trial: its worker group plus the trial's own actor (a token CPU)."""
+    from pocl_ray.search import TRIAL_ACTOR_CPU
+
+    workers = worker_request(scaling)
+    return Request(
+        what="one trial",
+        count=1,
+        cpus=TRIAL_ACTOR_CPU + workers.cpus * workers.count,
+        gpus=workers.gpus * workers.count,
+        keys=workers.keys,
+        gpu_key=workers.gpu_key,
+        cpu_free=workers.cpu_free,
+    )
+
+
+def trials_at_once(req: Request, cluster: Mapping[str, float]) -> int:
+    """How many trials of `req` the cluster holds at the same time (after `preflight`)."""
+    fits = [cluster.get("CPU", 0.0) / req.cpus if req.cpus else math.inf]
+    if req.gpus:
+        fits.append(cluster.get("GPU", 0.0) / req.gpus)
+    most = min(fits)
+    return max(1, math.floor(most + 1e-9)) if math.isfinite(most) else 1 << 16
+
+
 def describe(resources: Mapping[str, float]) -> str:
     parts = [f"{k}={resources[k]:g}" for k in ("CPU", "GPU") if k in resources]
     if "memory" in resources:

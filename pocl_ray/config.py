@@ -697,6 +697,36 @@ def from_dict(data: dict, source: str = "config") -> Config:
     return cfg
 
 
+def build_section(cls: type, data: Any, path: str) -> tuple[Any, list[str]]:
+    """A kw-only dataclass outside `Config` (e.g. a Tune search's settings) built from plain
+    data with the same coercion and unknown-key reports; returns it with the problems found
+    (its own range checks are the caller's)."""
+    problems: list[str] = []
+    return _build(cls, data, path, problems), problems
+
+
+def coerce_field(key: str, value: Any) -> tuple[Any, Any, list[str]]:
+    """(declared type, `value` coerced to it, problems) of the Config field at dotted `key`:
+    an unknown key (with a did-you-mean), a section where a field is needed, a value of the
+    wrong type. Range and consistency checks stay with the whole config (`from_dict`)."""
+    cls, parts, problems = Config, key.split("."), []
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        where = ".".join(parts[: i + 1])
+        if part not in hints:
+            close = difflib.get_close_matches(part, list(hints), n=1)
+            hint = f"did you mean {'.'.join([*parts[:i], close[0]])!r}? " if close else ""
+            return None, None, [f"{where}: unknown key; {hint}allowed: {', '.join(hints)}"]
+        tp = hints[part]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(tp):
+            return None, None, [f"{where}: is a field, not a section; {key} does not exist"]
+        cls = tp
+    if dataclasses.is_dataclass(tp):
+        return None, None, [f"{key}: is a section; name one of its keys ({key}.<key>)"]
+    coerced = _coerce(value, tp, key, problems)
+    return tp, None if coerced is _BAD else coerced, problems
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -25,7 +25,14 @@ from rouge_score import rouge_scorer
 from transformers import AutoConfig, LogitsProcessor, LogitsProcessorList
 
 from pocl_ray.config import HELDOUT, Config, EvalConfig, named_entry, to_dict
-from pocl_ray.data import LoadResult, Record, load_records, prompt_batch, tokenize_record
+from pocl_ray.data import (
+    LoadResult,
+    Record,
+    TokenizedExample,
+    load_records,
+    prompt_batch,
+    tokenize_record,
+)
 from pocl_ray.models import eos_token_ids, load_tokenizer, max_positions
 from pocl_ray.run_dir import Locations, RunDir, data_fingerprint, now_utc, versions
 
@@ -174,6 +181,21 @@ def score_predictions(
         "rougeL": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
         "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
     }
+
+
+def greedy_rouge_l(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[TokenizedExample],
+    references: Sequence[Sequence[str]],
+    *,
+    max_new_tokens: int,
+) -> float:
+    """Mean ROUGE-L x 100 of the model's greedy answers to the examples' prompts (a Tune
+    trial's dev metric; the evaluation job is the full protocol)."""
+    prompts = [e.input_ids[: e.prompt_length] for e in examples]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return score_predictions(answers, references)["rougeL"]
 
 
 # ---------------------------------------------------------------- seeded sampling

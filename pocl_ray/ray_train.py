@@ -42,19 +42,21 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from pocl_ray import curriculum, models
+from pocl_ray import artifacts, curriculum, difficulty, models, scores
 from pocl_ray.config import Config, from_dict, to_dict
 from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, example_from_row
+from pocl_ray.evaluation import greedy_rouge_l
 from pocl_ray.loop import (
     Hooks,
     StageProgress,
     Step,
     log_row,
+    mean_ce,
     seed_training,
     sft,
     train_stage,
 )
-from pocl_ray.run_dir import changes
+from pocl_ray.run_dir import Locations, RunDir, changes, read_manifest
 from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS
 from pocl_ray.train_step import DataParallel, make_optimizer, topk_targets
 
@@ -254,6 +256,143 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def read_state(ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / "state.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- driver side: one run's setup
+
+
+class SetupError(RuntimeError):
+    """A distill run cannot start with these inputs; the message says what to do (a job
+    turns it into its exit code, a Tune trial into a failed trial)."""
+
+
+@dataclass(kw_only=True)
+class DistillSetup:
+    """What one distill run (the distill job, or one Tune trial) trains with."""
+
+    n: int
+    plan: list[curriculum.StagePlan]
+    datasets: dict[str, ray.data.Dataset]
+    job: dict
+    """`train_fn`'s plain data (paths, table size, settings and their key, ...)."""
+
+
+def prepare_distill(
+    cfg: Config,
+    *,
+    out: Path,
+    dev_metric: str | None = None,
+    fault: dict | None = None,
+    check_only: bool = False,
+) -> DistillSetup:
+    """Check the scores table against this run, build the plan and one dataset per (stage,
+    rank). The distill job and every Tune trial start here.
+
+    out: where rank 0 writes the run's outputs (the job: run.output_dir; a trial: its own
+        folder). The shared inputs (scores table, models) are always read from run.output_dir.
+    dev_metric: `dev_loss` or `dev_rougeL`, reported with every checkpoint (Tune trials);
+        None computes nothing (plain distill pays nothing).
+    fault: tests only (`_maybe_fault`).
+    check_only: check the inputs and the plan, build no dataset (a search's driver, once for
+        all trials, before any starts).
+    Raises SetupError when the table or the data does not fit the run.
+    """
+    run = RunDir(Path(cfg.run.output_dir))
+    cur, cached = cfg.curriculum, cfg.loss.teacher_source == "cache"
+    world = max(cfg.scaling.num_workers, 1)
+    manifest, inputs = read_manifest(run.scores), artifacts.read_inputs(cfg, run)
+    if manifest is None:
+        raise SetupError(f"no scores table in {run.scores}; run `pocl-ray score` first")
+    where = Locations.of(cfg, run)
+    folders = {"tokenizer": where.tokenizer, "teacher": where.teacher,
+               "student_init": where.student_init}  # fmt: skip
+    existing = {k: v for k, v in folders.items() if Path(v).exists()}
+    key_now = scores.table_key(cfg, inputs.fingerprint, existing)
+    if problems := scores.table_problems(cfg, manifest, key_now):
+        raise SetupError(
+            f"the scores table in {run.scores} does not match this run:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nrun `pocl-ray score` with the same config and overrides to rescore (it "
+            "replaces the table), or use another run.output_dir"
+        )
+    if cached and not manifest["teacher_topk"]:
+        raise SetupError(
+            f"loss.teacher_source=cache but the table in {run.scores} has no teacher top-K; "
+            "run `pocl-ray score` with scoring.teacher_topk=K"
+        )
+    table = scores.training_table(cfg, run, cached=cached)
+    n = table.num_rows
+    tok = models.load_tokenizer(where.tokenizer, trust_remote_code=cfg.teacher.trust_remote_code)
+    plan = curriculum.stage_table(
+        cur, n=n, batch_size=cfg.optim.batch_size * world, loss_alpha=cfg.loss.alpha
+    )
+    if not cached and any(p.kd_ratio > 0 for p in plan) and "teacher" not in existing:
+        # student-only signals: scoring never needed the teacher; train or load it now
+        artifacts.teacher(cfg, run, tok, artifacts.tokenize(cfg, tok, inputs.train))
+    ranks, ids = table.column("difficulty_rank").to_numpy(), table.column("sample_id").to_pylist()
+    order = curriculum.stage_order(ranks, ids, mode=cur.mode, seed=cfg.run.seed)
+    datasets = {} if check_only else stage_datasets(
+        ray.put(table.drop_columns(["difficulty_rank"])),  # ray: the table, once
+        plan,
+        curriculum.stage_subsets(order, [p.size for p in plan]),
+        seed=cfg.run.seed,
+        shuffle=cur.shuffle,
+        batch_size=cfg.optim.batch_size,
+        world_size=world,
+    )  # fmt: skip
+    references = {}
+    if cur.plateau_patience or dev_metric:
+        dev = artifacts.tokenize(cfg, tok, inputs.held)[: cfg.eval.max_examples]
+        if not dev:
+            why = "curriculum.plateau_patience" if cur.plateau_patience else f"the {dev_metric}"
+            raise SetupError(f"{why} needs held-out data to evaluate on: set "
+                             "data.eval_fraction > 0")  # fmt: skip
+        if not check_only:
+            datasets[DEV_DATASET] = examples_dataset(dev)
+        if dev_metric == "dev_rougeL":
+            refs = {r.sample_id: list(r.references) for r in inputs.held}
+            references = {e.sample_id: refs[e.sample_id] for e in dev}
+    table_key = {**key_now, "config_hash": manifest["key"]["config_hash"]}
+    settings = run_settings(cfg, n=n, world_size=world, table_key=table_key)
+    key = settings_key(settings)
+    job = {
+        "n": n,
+        "num_buckets": len(difficulty.stage_sizes(n, cur.num_stages, cur.fractions)),
+        "pad_id": tok.pad_token_id,
+        "eos_ids": list(models.eos_token_ids(None, tok)),
+        "tokenizer": where.tokenizer,
+        "teacher": where.teacher,
+        "student_init": where.student_init,
+        "settings": settings,
+        "settings_key": key,
+        "threads": threads_per_worker(cfg),
+        "fault": fault,
+        "local_mode": cfg.scaling.num_workers == 0,
+        "out": str(out),
+        "dev_metric": dev_metric,
+        "dev_references": references,
+    }
+    return DistillSetup(n=n, plan=plan, datasets=datasets, job=job)
+
+
+def latest_state(cfg: Config, job: dict) -> dict | None:
+    """The state of the latest checkpoint of run `cfg.run.name` plus its `checkpoint` path
+    (None: a fresh start; local mode keeps none); raise SetupError when it was written with
+    other settings than `job`'s."""
+    settings, key = job["settings"], job["settings_key"]
+    if cfg.scaling.num_workers == 0:
+        return None
+    latest = latest_checkpoint(RunDir(Path(cfg.run.output_dir)).storage(cfg) / cfg.run.name)
+    if latest is None:
+        return None
+    state = read_state(latest)
+    if state["settings_key"] != key:
+        raise SetupError(
+            f"run {cfg.run.name!r} in {latest.parent} was started with other settings:\n"
+            + "\n".join(f"  - {c}" for c in changes(state["settings"], settings))
+            + "\nrestore them to resume it, or start a new run with another run.name"
+        )
+    return {**state, "checkpoint": str(latest)}
 
 
 def _rng_state() -> dict:
@@ -601,7 +740,7 @@ class Worker:
             self.log = NullLog()
             return
         self.log = RunLog(
-            Path(self.cfg.run.output_dir),
+            Path(self.job["out"]),
             resume_step=self.global_step if state else None,
             num_stages=len(self.plan),
         )
@@ -666,8 +805,9 @@ def train_fn(loop_config: dict) -> None:
     """The Ray Train distill worker (also run in the driver in local mode): restore ->
     train the remaining stages -> save.
 
-    loop_config: {"config": to_dict(cfg), "job": plain data from jobs/distill.py (paths,
-    table size, settings and their key, bucket count, eos ids, test fault)}.
+    loop_config: {"config": to_dict(cfg), "job": plain data from `prepare_distill` (paths,
+    table size, settings and their key, bucket count, eos ids, output folder, the dev metric
+    to report, test fault)}.
     """
     cfg = from_dict(loop_config["config"], source="distill worker config")  # the one rebuild
     job = loop_config["job"]
@@ -689,18 +829,28 @@ def train_fn(loop_config: dict) -> None:
         if w.rank == 0:
             print(f"distill: run {cfg.run.name!r} is already complete; nothing to train")
             _finish(cfg, job, student, w)
+        if job["dev_metric"]:  # a Tune trial restarted after its last report: report again
+            ray.train.report(restored.state["metrics"])  # ray: every rank, once
         return
     optimizer = make_optimizer(student, cfg.optim)
     resets = curriculum.resets_optimizer(cur.lr_policy)
     if restored and not (resets and w.position["step_in_stage"] == 0):
         optimizer.load_state_dict(restored.optimizer)
-    dev = _shard_examples(DEV_DATASET) if cur.plateau_patience else []
+    dev = _shard_examples(DEV_DATASET) if cur.plateau_patience or job["dev_metric"] else []
+    tok = None
+    if job["dev_metric"] == "dev_rougeL":
+        remote = cfg.teacher.trust_remote_code
+        tok = models.load_tokenizer(job["tokenizer"], trust_remote_code=remote)
     eos_ids = tuple(dict.fromkeys([*job["eos_ids"], *models.eos_token_ids(student)]))
     cache_taus = cfg.scoring.cache_taus if w.cached else None
 
     def save(stage, k, progress, tracker, *, lr, loss) -> None:
         if k > 0:  # mid-stage: rank 0 keeps the ranks' summed progress in the checkpoint
             progress.gather(w.all_sum, keep=w.rank == 0)
+        metrics = {"step": w.global_step, "stage": stage, "loss": loss, "samples": w.samples,
+                   "plan_complete": stage >= len(w.plan)}  # fmt: skip
+        if job["dev_metric"] and w.rank == 0:  # Tune reads rank 0's metrics only
+            metrics[job["dev_metric"]] = _dev_metric(job, cfg, student, dev, tok)
         state = {
             "format": STATE_FORMAT,
             "settings_key": job["settings_key"],
@@ -710,9 +860,10 @@ def train_fn(loop_config: dict) -> None:
             "plateau": None if tracker is None else tracker.state_dict(),
             "progress": progress.state_dict(),
             "summaries": w.summaries,
+            "metrics": metrics,
         }
         _save_checkpoint(rank=w.rank, student=student, optimizer=optimizer, state=state,
-                         metrics={"step": w.global_step, "stage": stage, "loss": loss})  # fmt: skip
+                         metrics=metrics)  # fmt: skip
         w.log.event("checkpoint", global_step=w.global_step, stage=stage)
 
     # 2. the remaining stages, each from its first step (or the restored one)
@@ -752,6 +903,14 @@ def train_fn(loop_config: dict) -> None:
         _finish(cfg, job, student, w)
 
 
+def _dev_metric(job: dict, cfg: Config, student, dev: list[TokenizedExample], tok) -> float:
+    """The Tune metric on the held-out split: token-mean CE, or greedy ROUGE-L x 100."""
+    if job["dev_metric"] == "dev_loss":
+        return mean_ce(student, dev, job["pad_id"])
+    refs = [job["dev_references"][e.sample_id] for e in dev]
+    return greedy_rouge_l(student, tok, dev, refs, max_new_tokens=cfg.eval.max_new_tokens)
+
+
 def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
     """Tests only: exit hard at global step `fault['step']` on rank `fault.get('rank', 0)`,
     once (the marker file says it happened; the restarted worker carries on)."""
@@ -766,7 +925,7 @@ def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
 
 def _finish(cfg: Config, job: dict, student, w: Worker) -> None:
     """Rank 0: the student as a Hugging Face folder with its tokenizer, and summary.json."""
-    out = Path(cfg.run.output_dir)
+    out = Path(job["out"])
     tok = models.load_tokenizer(job["tokenizer"], trust_remote_code=cfg.teacher.trust_remote_code)
     models.save_model(student, tok, out / "student")
     summaries = w.summaries

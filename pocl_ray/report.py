@@ -5,7 +5,8 @@ Figures:
 - agreement: the measurer's rank against the built-in tasks' true level (when known);
 - schedule: subset size, τ, λ and LR against the step, from the per-step metrics;
 - loss: training loss per step for each run, stage boundaries marked;
-- eval: mean ± sd of ROUGE-L and exact match per model × eval set.
+- eval: mean ± sd of ROUGE-L and exact match per model × eval set;
+- a Tune search's metric against each searched key (`plot_search`, in `<run>/tune/`).
 Every function takes plain tables, so the plain demo and the Ray pipeline share them.
 """
 
@@ -174,6 +175,59 @@ def build_report(
     return write_index(out, figs, table)
 
 
+def plot_search(
+    table: pd.DataFrame, keys: Sequence[str], metric: str, path: Path, log_keys: Sequence[str] = ()
+) -> Path:
+    """A Tune search's metric against each searched key, one panel per key (the results
+    table of `search.results_table`): filled dots ran their whole plan, hollow ones were
+    stopped early (their metric is from fewer samples); the KD reference is a dashed line."""
+    ran = table[(table["role"] == "search") & table[metric].notna()]
+    ref = table[(table["role"] == "kd_reference") & table[metric].notna()]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys) + 1, 3.6), squeeze=False,
+                             sharey=True)  # fmt: skip
+    done = (ran["status"] == "done").to_numpy()
+    for ax, key in zip(axes[0], keys):
+        values = pd.to_numeric(ran[key], errors="coerce")
+        if values.isna().any():  # categories (modes, lists): one position each
+            labels = ran[key].astype(str)
+            names = sorted(labels.unique())
+            values = labels.map({name: i for i, name in enumerate(names)})
+            ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.scatter(values[done], ran[metric][done], color="#4c78a8", label="ran its plan")
+        ax.scatter(values[~done], ran[metric][~done], facecolors="none", edgecolors="#e45756",
+                   label="stopped early")  # fmt: skip
+        if not ref.empty:
+            ax.axhline(ref[metric].iloc[0], color="grey", ls="--", label="KD reference")
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+    axes[0][0].set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{metric} by searched value: one run per point, compare at equal budgets")
+    return _save(fig, path)
+
+
+SEARCH_SECTION = ("<!-- tune search -->", "<!-- /tune search -->")
+
+
+def link_search(run: RunDir) -> Path | None:
+    """Add (or refresh) a Tune search's section in the run's report/index.html: its figure
+    and links to results.csv and best_config.yaml. None when there is no report or search."""
+    index, results = run.report / "index.html", run.root / "tune" / "results.csv"
+    if not index.exists() or not results.exists():
+        return None
+    page, (start, end) = index.read_text(encoding="utf-8"), SEARCH_SECTION
+    if start in page:
+        page = page[: page.index(start)] + page[page.index(end) + len(end) :]
+    section = (
+        f"{start}<h2>Tune search</h2><p><a href='../tune/results.csv'>results.csv</a> "
+        "(one row per trial), <a href='../tune/best_config.yaml'>best_config.yaml</a></p>"
+        f"<img src='../tune/metric_by_param.png' style='max-width:100%'>{end}"
+    )
+    index.write_text(page.replace("</body>", section + "</body>"), encoding="utf-8")
+    return index
+
+
 RUN_LABELS = {  # the pipeline's runs (jobs/pipeline.py), in report order
     "pocl": "POCL student",
     "kd": "KD student (no curriculum)",
@@ -193,5 +247,7 @@ def pipeline_report(cfg: Config, run: RunDir, names: Sequence[str]) -> Path:
     per_seed = results[results["stat"] == "seed"]
     if per_seed.empty:  # greedy decoding: one pass, only mean rows
         per_seed = results[results["stat"] == "mean"]
-    return build_report(run.report, scores=table, sizes=sizes, runs=runs, results=per_seed,
-                        schedule_run=RUN_LABELS.get(names[0], names[0]))  # fmt: skip
+    index = build_report(run.report, scores=table, sizes=sizes, runs=runs, results=per_seed,
+                         schedule_run=RUN_LABELS.get(names[0], names[0]))  # fmt: skip
+    link_search(run)  # a search in this run directory keeps its section
+    return index

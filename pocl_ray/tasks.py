@@ -10,6 +10,7 @@ in minutes on a CPU, and the hard levels stay hard for a much smaller student.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -119,9 +120,12 @@ def generate(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    """Write atomically: concurrent Tune trials rewrite the same file while others read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
     return path
