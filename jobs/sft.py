@@ -46,7 +46,8 @@ def _run(cfg: Config, run: RunDir, target: Target, dest: Path) -> Path:
     inputs = artifacts.read_inputs(cfg, run)
     tok = artifacts.tokenizer(cfg, run, inputs.train)
     examples = artifacts.tokenize(cfg, tok, inputs.train)
-    size = models.count_parameters(artifacts.new_student(cfg, tok)) if target == "student" else 0
+    tiny_student = target == "student" and cfg.student.init == "auto"
+    size = models.count_parameters(artifacts.new_student(cfg, tok)) if tiny_student else 0
     print(
         f"sft {target}: {len(examples)} training rows, {cfg.sft.epochs} epochs, "
         f"{max(cfg.scaling.num_workers, 1)} worker(s)"
@@ -59,6 +60,7 @@ def _run(cfg: Config, run: RunDir, target: Target, dest: Path) -> Path:
         "config": to_dict(cfg),  # the one crossing into workers
         "target": target,
         "tokenizer": Locations.of(cfg, run).tokenizer,
+        "teacher": Locations.of(cfg, run).teacher,  # a teacher-layers student is made of it
         "dest": str(dest),
         "threads": ray_train.threads_per_worker(cfg),
     }

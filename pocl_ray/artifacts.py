@@ -128,30 +128,45 @@ def teacher(cfg: Config, run: RunDir, tok, train_ex) -> torch.nn.Module:
     return models.freeze_teacher(model)
 
 
-def new_student(cfg: Config, tok) -> torch.nn.Module:
-    """The student before its starting checkpoint: pretrained, or tiny with a seeded init."""
+def new_student(cfg: Config, tok, teacher: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The student before its starting checkpoint: pretrained, built from the `teacher`'s
+    layers (student.init=teacher_layers), or tiny with a seeded init."""
     if cfg.student.name_or_path:
         return models.load_pretrained(cfg.student.name_or_path, cfg.student)
+    if cfg.student.init == "teacher_layers":
+        if teacher is None:
+            raise ValueError("student.init=teacher_layers needs the teacher model")
+        blocks = models.decoder_blocks(teacher)[1]
+        chosen = models.teacher_layer_choice(blocks, cfg.student.layers, cfg.student.layer_step)
+        log.info("student: %d of the teacher's %d blocks %s", len(chosen), blocks, chosen)
+        return models.student_from_teacher(teacher, chosen)
     torch.manual_seed(cfg.run.seed + 1)
     return models.build_tiny(cfg.student, tok, cfg.data.max_length)
 
 
-def starting_student(cfg: Config, tok, train_ex) -> torch.nn.Module:
-    """`new_student`, then `sft.student_epochs` of SFT for a tiny one (its starting checkpoint:
-    the paper starts from a pretrained student; a random one makes student signals noise)."""
-    student = new_student(cfg, tok)
+def starting_student(
+    cfg: Config, tok, train_ex, teacher: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """`new_student`, then `sft.student_epochs` of SFT for one not pretrained (its starting
+    checkpoint: the paper starts from a pretrained student; a random one makes student signals
+    noise)."""
+    student = new_student(cfg, tok, teacher)
     if cfg.student.name_or_path is None and cfg.sft.student_epochs:
         log.info("student: %d epochs of SFT for its starting checkpoint", cfg.sft.student_epochs)
         run_sft(cfg, student, train_ex, tok, epochs=cfg.sft.student_epochs)
     return student
 
 
-def student_recipe(cfg: Config, tokenizer_id: str, fingerprint: str) -> str:
-    """Hash of everything that defines the tiny starting student: its sizes, the seed, the
-    tokenizer, and (for its `sft.student_epochs` of SFT) the data and the SFT settings."""
+def student_recipe(
+    cfg: Config, tokenizer_id: str, fingerprint: str, teacher_id: str | None = None
+) -> str:
+    """Hash of everything that defines the starting student built here: its sizes (or its
+    teacher and layers), the seed, the tokenizer, and (for its `sft.student_epochs` of SFT)
+    the data and the SFT settings."""
     d = to_dict(cfg)
     recipe = {
         "student": d["student"],
+        "teacher": teacher_id if cfg.student.init == "teacher_layers" else None,
         "seed": cfg.run.seed,
         "tokenizer": tokenizer_id,
         "max_length": cfg.data.max_length,
@@ -179,18 +194,23 @@ def student_init(cfg: Config, run: RunDir, tok, train_ex, fingerprint: str) -> s
     path = Locations.of(cfg, run).student_init
     if cfg.student.name_or_path:
         return path
-    recipe = student_recipe(cfg, model_id(Locations.of(cfg, run).tokenizer), fingerprint)
+    where = Locations.of(cfg, run)
+    from_teacher = cfg.student.init == "teacher_layers"
+    # the student is made of the teacher: it must exist first (the demo teacher is trained)
+    source = teacher(cfg, run, tok, train_ex) if from_teacher else None
+    teacher_id = model_id(where.teacher) if from_teacher else None
+    recipe = student_recipe(cfg, model_id(where.tokenizer), fingerprint, teacher_id)
     stamp = run.student_init / "recipe.txt"
     if (run.student_init / "config.json").exists() and stamp.exists():
         if stamp.read_text(encoding="utf-8").strip() == recipe:
             log.info("student_init: reusing %s", path)
             return path
         log.warning(
-            "student_init: %s was made with other settings (student sizes, seed, tokenizer or "
-            "student SFT changed); rebuilding it",
+            "student_init: %s was made with other settings (student sizes or teacher layers, "
+            "seed, tokenizer or student SFT changed); rebuilding it",
             path,
         )
-    student = starting_student(cfg, tok, train_ex)
+    student = starting_student(cfg, tok, train_ex, source)
     shutil.rmtree(path, ignore_errors=True)
     models.save_model(student, tok, path)
     stamp.write_text(recipe + "\n", encoding="utf-8")

@@ -120,9 +120,31 @@ class ModelConfig:
     dropout: float | None = None
     """Dropout probability while training (attention, residual, embedding); null = the
     model's own (a pretrained GPT-2 has 0.1), 0.0 for a tiny model built from config."""
+    init: Literal["auto", "teacher_layers"] = "auto"
+    """auto: `name_or_path` when set, else a tiny model of the sizes above; teacher_layers
+    (student only): the teacher's embeddings, the blocks `layers`, its final norm and head
+    (the sizes above are ignored; docs/models.md)."""
+    layers: list[int] | None = None
+    """teacher_layers: the teacher blocks to keep, in order (0-based); null = every
+    `layer_step`-th block from the first."""
+    layer_step: int = 2
+    """teacher_layers without `layers`: keep blocks 0, step, 2 x step, ..."""
 
     def problems(self, prefix: str) -> list[str]:
         out = []
+        if self.init == "teacher_layers":
+            if prefix != "student":
+                out.append(f"{prefix}.init: teacher_layers is for the student only; use auto")
+            if self.name_or_path is not None:
+                out.append(f"{prefix}.init: teacher_layers builds the student from the teacher, "
+                           f"but {prefix}.name_or_path is set too; drop one of them")  # fmt: skip
+        if self.layers is not None and (
+            not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers)
+        ):
+            out.append(f"{prefix}.layers: got {self.layers}; give distinct block indices >= 0, "
+                       "or null for every layer_step-th block")  # fmt: skip
+        if self.layer_step < 1:
+            out.append(f"{prefix}.layer_step: got {self.layer_step}; must be >= 1")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             out.append(f"{prefix}.dropout: got {self.dropout}; allowed 0 <= x < 1, or null")
         for name in ("hidden_size", "num_layers", "num_heads"):

@@ -7,6 +7,8 @@ are read with safetensors (`use_safetensors=True`), never by unpickling.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -142,6 +144,62 @@ def load_pretrained(path: str | Path, cfg: ModelConfig) -> PreTrainedModel:
         use_safetensors=True,
         **kwargs,
     )
+
+
+def decoder_blocks(model: PreTrainedModel) -> tuple[str, int]:
+    """The qualified name of the model's list of decoder blocks (`transformer.h` in GPT-2,
+    `model.layers` in Llama / Qwen2, `model.decoder.layers` in OPT) and its length."""
+    n = model.config.get_text_config().num_hidden_layers
+    found = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == n and name]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(
+            f"cannot tell the decoder blocks of {type(model).__name__} apart (module lists of "
+            f"length {n}: {found or 'none'}); use student.init=auto with a student of its own"
+        )
+    return found[0], n
+
+
+def teacher_layer_choice(n: int, layers: Sequence[int] | None, step: int) -> list[int]:
+    """The teacher blocks a student keeps: `layers` as given, else every `step`-th from the
+    first (0, step, 2 x step, ...). Raises ValueError naming the field when one is out of range."""
+    chosen = list(layers) if layers is not None else list(range(0, n, step))
+    if bad := [i for i in chosen if i >= n]:
+        raise ValueError(
+            f"student.layers: {bad} out of range; the teacher has {n} blocks (0..{n - 1})"
+        )
+    return chosen
+
+
+def student_from_teacher(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A student made of the teacher's embeddings, the blocks `layers` (in that order, numbered
+    anew), its final norm and head, in float32: the usual initialisation of a distillation
+    student. Vocabulary and special tokens are the teacher's by construction."""
+    prefix, _ = decoder_blocks(teacher)
+    hf_cfg = copy.deepcopy(teacher.config)
+    hf_cfg.num_hidden_layers = len(layers)
+    if isinstance(getattr(hf_cfg, "layer_types", None), list):  # per-layer attention kinds
+        hf_cfg.layer_types = [hf_cfg.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    renumber = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1 :].split(".", 1)
+            if int(index) not in renumber:
+                continue
+            key = f"{prefix}.{renumber[int(index)]}.{rest}"
+        state[key] = value.detach().to(torch.float32, copy=True)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if student.config.tie_word_embeddings and "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"student from teacher layers: weights that do not fit (missing "
+            f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})"
+        )
+    student.tie_weights()
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student
 
 
 def max_positions(hf_config) -> int | None:

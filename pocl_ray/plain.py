@@ -82,7 +82,7 @@ def evaluate(model, tok, records, examples, cfg: Config) -> dict[str, float]:
 def distil(cfg: Config, mode: str, init_state, tok, teacher, train_ex, ranks, out: Path):
     """Distil a copy of the initial student with curriculum `mode`; log per step to JSONL."""
     run_cfg = replace(cfg, curriculum=replace(cfg.curriculum, mode=mode))
-    student = artifacts.new_student(cfg, tok)
+    student = artifacts.new_student(cfg, tok, teacher)
     student.load_state_dict(init_state)
     plan = curriculum.stage_table(
         run_cfg.curriculum,
@@ -132,7 +132,7 @@ def run_plain(cfg: Config) -> pd.DataFrame:
     held_ex = artifacts.tokenize(cfg, tok, held)
     teacher = artifacts.teacher(cfg, run, tok, train_ex)
 
-    init = artifacts.starting_student(cfg, tok, train_ex)
+    init = artifacts.starting_student(cfg, tok, train_ex, teacher)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
     scorer = teacher if cfg.scoring.scorer == "teacher" else init
     t0 = time.perf_counter()

@@ -965,7 +965,12 @@ def sft_fn(loop_config: dict) -> None:
         torch.set_num_threads(loop_config["threads"])
     remote = cfg.teacher.trust_remote_code
     tok = models.load_tokenizer(loop_config["tokenizer"], trust_remote_code=remote)
-    model = (new_teacher if target == "teacher" else new_student)(cfg, tok)
+    if target == "teacher":
+        model = new_teacher(cfg, tok)
+    else:  # a student made of teacher layers needs its teacher
+        layered = cfg.student.init == "teacher_layers"
+        teacher = models.load_pretrained(loop_config["teacher"], cfg.teacher) if layered else None
+        model = new_student(cfg, tok, teacher)
     model = ray.train.torch.prepare_model(model)  # ray: DDP when world > 1
     examples = _shard_examples("train")
     rank0 = ray.train.get_context().get_world_rank() == 0  # ray:

@@ -550,8 +550,8 @@ def test_unknown_key_via_override():
 
 
 def test_unknown_key_in_model_section_uses_section_name():
-    problems = problems_of({"teacher": {"layers": 3}})
-    assert len(problems) == 1 and problems[0].startswith("teacher.layers: unknown key;")
+    problems = problems_of({"teacher": {"n_layers": 3}})
+    assert len(problems) == 1 and problems[0].startswith("teacher.n_layers: unknown key;")
     assert "num_layers" in problems[0] and "hidden_size" in problems[0]
 
 
