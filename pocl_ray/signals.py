@@ -228,8 +228,9 @@ def score_batch(
         )
         out["rouge"] = [rouge_l(a, refs) for a, refs in zip(answers, references)]
     cache = None
-    if topk > 0:
-        cache = teacher_topk(t_logits, response, k=topk, cache_taus=cache_taus)
+    if topk > 0:  # the tokenizer's tokens only: a padded teacher head has rows no model uses
+        real = t_logits[..., : min(t_logits.shape[-1], len(tokenizer))]
+        cache = teacher_topk(real, response, k=topk, cache_taus=cache_taus)
     return ScoredBatch(signals=out, cache=cache)
 
 
