@@ -58,6 +58,7 @@ def distil_into(cfg: Config, name: str) -> Path:
         if (run.root / item).exists():
             shutil.rmtree(dest / item, ignore_errors=True)
             shutil.move(str(run.root / item), str(dest / item))
+    print(f"pipeline: {name}: outputs moved to {dest} (student/, metrics.jsonl, ...)", flush=True)
     return dest
 
 
