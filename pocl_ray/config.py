@@ -306,7 +306,8 @@ class LossConfig:
     beta: float = 0.9
     """Mixture weight of jsd."""
     chunk_size: int | None = None
-    """Evaluate the KD loss in chunks of this many tokens (bounds memory for large vocabs)."""
+    """Rows per chunk of the memory-lean KD loss (loss and gradient chunk by chunk, nothing
+    N x V kept but the gradient); null = 64 rows from a 32k vocabulary, the plain path below."""
     on_policy_ratio: float = 0.0
     """Probability per step that the student samples the batch's responses and KD is computed
     on them (pocl-method.md section 6); 0 = off."""

@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 KDKind = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 
@@ -124,10 +123,10 @@ def per_token_kd(
     return terms.masked_fill(infinite, 0.0).sum(-1)
 
 
-def _masked_rows(
+def _check_masked_shapes(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows at masked positions. (..., Vs), (..., Vt), (...) -> (N, Vs), (N, Vt)"""
+) -> None:
+    """(..., Vs), (..., Vt), (...) bool with the same leading shape, or ValueError."""
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
     lead_s, lead_t = student_logits.shape[:-1], teacher_logits.shape[:-1]
@@ -136,21 +135,109 @@ def _masked_rows(
             f"leading shapes differ: student {tuple(lead_s)}, teacher {tuple(lead_t)}, "
             f"mask {tuple(mask.shape)}"
         )
-    return student_logits[mask], teacher_logits[mask]
 
 
-def _chunked_sum(
-    fn: Callable[..., torch.Tensor], tensors: tuple[torch.Tensor, ...], chunk_size: int | None
-) -> torch.Tensor:
-    """fn(*tensors), or the sum of fn over chunks of `chunk_size` rows, each chunk under
-    activation checkpointing (O(chunk_size × V) float32 temporaries in forward and backward)."""
-    if chunk_size is None:
-        return fn(*tensors)
-    # preserve_rng_state=False: nothing inside is random, so skip saving RNG state.
-    parts = zip(*(t.split(chunk_size) for t in tensors), strict=True)
-    return sum(
-        checkpoint(fn, *part, use_reentrant=False, preserve_rng_state=False) for part in parts
-    )
+LEAN_VOCAB = 32768
+"""From this vocabulary size on, `kd_loss` and `topk_kd_loss` run memory-lean by default."""
+LEAN_CHUNK_ROWS = 64
+"""Rows per chunk of the memory-lean path when loss.chunk_size is not set."""
+
+
+class _LossAndGradByChunk(torch.autograd.Function):
+    """A sum of per-position losses whose gradient with respect to the student logits is
+    computed chunk by chunk during the forward pass and written into one buffer.
+
+    Nothing the size of the logits is kept for backward except that buffer (the floor: the
+    gradient itself). No copy of the masked rows is made: each chunk gathers its own rows by
+    index, so the student and teacher logits are read in place, whatever their strides.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, positions, chunk_rows, loss_and_grad):
+        # positions: (N, D) indices of the masked positions in the leading D dims;
+        # loss_and_grad(rows, index) -> ((n,) float32 losses, (n, V) their gradient) for the
+        # student rows (float32, a copy) at those positions
+        grad = torch.zeros_like(student_logits)
+        parts = []
+        for chunk in positions.split(chunk_rows):
+            index = tuple(chunk.T)
+            per, g = loss_and_grad(student_logits.detach()[index].float(), index)
+            grad[index] = g.to(grad.dtype)
+            parts.append(per)
+        per_pos = torch.cat(parts)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(per_pos)
+        return per_pos.sum(), per_pos
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_per_position):
+        (grad,) = ctx.saved_tensors
+        # in place: the buffer is the gradient, and backward runs once (no retain_graph)
+        return grad.mul_(grad_total), None, None, None
+
+
+def by_autograd(per_position: Callable[[torch.Tensor, tuple], torch.Tensor]) -> Callable:
+    """`loss_and_grad` for `lean_sum` from a differentiable per-position loss."""
+
+    def loss_and_grad(rows: torch.Tensor, index: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        rows.requires_grad_(True)
+        with torch.enable_grad():
+            per = per_position(rows, index)
+            (grad,) = torch.autograd.grad(per.sum(), rows)
+        return per.detach(), grad
+
+    return loss_and_grad
+
+
+def fkl_loss_and_grad(student_rows: torch.Tensor, teacher_rows: torch.Tensor, tau: float):
+    """Forward KL per row and its gradient in closed form, few temporaries: KL(p ‖ q) with
+    p = softmax(z_T/τ), q = softmax(z_S/τ); d/dz_S = (q − p)/τ. Finite logits only.
+    (n, Vs) float32 (consumed), (n, Vt) -> (n,), (n, Vs)"""
+    vocab = min(student_rows.shape[-1], teacher_rows.shape[-1])
+    log_q = student_rows.div_(tau)
+    log_q = log_q.sub_(log_q[:, :vocab].logsumexp(-1, keepdim=True))
+    log_p = teacher_rows[:, :vocab].float().div(tau)
+    log_p = log_p.sub_(log_p.logsumexp(-1, keepdim=True))
+    p = log_p.exp()
+    per = (log_p.sub_(log_q[:, :vocab])).mul_(p).sum(-1)  # Σ p (log p − log q)
+    grad = log_q.exp_()  # q, in the student rows' buffer
+    grad[:, vocab:] = 0.0  # rows past the shared vocabulary take no part (as per_token_kd)
+    grad[:, :vocab].sub_(p).div_(tau)
+    return per, grad
+
+
+def lean_sum(
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    loss_and_grad: Callable[[torch.Tensor, tuple], tuple[torch.Tensor, torch.Tensor]],
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ per-position losses over the masked positions, attached to the student logits;
+    the (N,) per-position losses, detached) by `_LossAndGradByChunk`."""
+    positions = mask.nonzero()
+    return _LossAndGradByChunk.apply(student_logits, positions, chunk_rows, loss_and_grad)
+
+
+def lean_rows(chunk_size: int | None, vocab: int) -> int | None:
+    """Rows per chunk of the memory-lean path, or None for the plain one: loss.chunk_size
+    when set, else LEAN_CHUNK_ROWS from LEAN_VOCAB on."""
+    if chunk_size is not None:
+        return chunk_size
+    return LEAN_CHUNK_ROWS if vocab >= LEAN_VOCAB else None
+
+
+def _kd_rows_fn(teacher_logits: torch.Tensor, kwargs: dict) -> Callable:
+    """`loss_and_grad` of per_token_kd for `lean_sum`: forward KL in closed form where every
+    logit of the chunk is finite, autograd otherwise (other kinds, masked-out tokens)."""
+    generic = by_autograd(lambda s, index: per_token_kd(s, teacher_logits[index], **kwargs))
+
+    def loss_and_grad(rows: torch.Tensor, index: tuple):
+        teacher_rows = teacher_logits[index]
+        if kwargs["kind"] == "fkl" and rows.isfinite().all() and teacher_rows.isfinite().all():
+            return fkl_loss_and_grad(rows, teacher_rows, kwargs["temperature"])
+        return generic(rows, index)
+
+    return loss_and_grad
 
 
 def kd_loss(
@@ -164,7 +251,8 @@ def kd_loss(
     alpha: float = 0.1,
     beta: float = 0.9,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    per_position_out: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Token-mean KD loss over masked positions.
 
     Args:
@@ -174,29 +262,39 @@ def kd_loss(
         kind, temperature, alpha, beta: as in `per_token_kd`.
         scale_by_tau_sq: multiply by τ² (Hinton), for every kind alike, so that gradient
             magnitudes stay comparable across temperatures.
-        chunk_size: evaluate the masked rows this many at a time, each chunk under activation
-            checkpointing, so forward and backward hold O(chunk_size × V) float32 temporaries
-            instead of O(N × V). Same value and gradients as the unchunked path.
+        chunk_size: rows per chunk of the memory-lean path (`lean_sum`): loss and gradient
+            are computed chunk by chunk in the forward pass, so besides the gradient buffer
+            only O(chunk_size × V) float32 temporaries exist. None: the lean path with
+            LEAN_CHUNK_ROWS rows from V >= LEAN_VOCAB, the plain autograd path below it.
+            Same value and gradients either way (to float rounding).
+        per_position_out: also return the (N,) per-position losses (× τ², detached), in
+            mask.nonzero() order.
 
     Returns:
         () float32 scalar: sum of per-token losses / number of masked tokens (× τ²).
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 or None")
-    student, teacher = _masked_rows(student_logits, teacher_logits, mask)
-    num_tokens = student.shape[0]
-    if num_tokens == 0:
-        # Summing the empty selection (not all logits, which may hold -inf) gives an exact 0.0
-        # that keeps the graph connected, so backward() and DDP still see the student.
-        return student.float().sum() * 0.0
-
-    def chunk_sum(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
-        return per_token_kd(s, t, **kwargs).sum()
-
-    total = _chunked_sum(chunk_sum, (student, teacher), chunk_size)
+    _check_masked_shapes(student_logits, teacher_logits, mask)
+    kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
     scale = temperature**2 if scale_by_tau_sq else 1.0
-    return total * (scale / num_tokens)
+    num_tokens = int(mask.sum())
+    rows = lean_rows(chunk_size, student_logits.shape[-1])
+    if teacher_logits.requires_grad:  # the lean path treats the teacher as a constant
+        rows = None
+    if num_tokens and rows is not None:
+        total, per = lean_sum(student_logits, mask, _kd_rows_fn(teacher_logits, kwargs), rows)
+    else:
+        student, teacher = student_logits[mask], teacher_logits[mask]
+        if num_tokens == 0:
+            # Summing the empty selection (not all logits, which may hold -inf) gives an exact
+            # 0.0 that keeps the graph connected, so backward() and DDP still see the student.
+            zero = student.float().sum() * 0.0
+            return (zero, zero.detach().reshape(0)) if per_position_out else zero
+        per = per_token_kd(student, teacher, **kwargs)
+        total = per.sum()
+    loss = total * (scale / num_tokens)
+    return (loss, per.detach() * scale) if per_position_out else loss
 
 
 # ---------------------------------------------------------------- teacher known on its top-K
@@ -378,17 +476,20 @@ def topk_kd_loss(
     taus = _check_cache_taus(cache_taus, temperature)
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
-    student = student_logits[mask]
-    cache = (teacher_topk_ids[mask], teacher_topk_logprobs[mask], teacher_tail_logz[mask])
-    num_tokens = student.shape[0]
-    if num_tokens == 0:
-        return student.float().sum() * 0.0  # exact 0, still attached (see kd_loss)
-
-    def chunk_sum(s, ids, logprobs, tail):
-        kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
-        return topk_per_token_kd(s, ids, logprobs, tail, taus, **kwargs).sum()
-
-    total = _chunked_sum(chunk_sum, (student, *cache), chunk_size)
+    kwargs = {"kind": kind, "temperature": temperature, "alpha": alpha, "beta": beta}
+    cache = (teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logz)
+    num_tokens = int(mask.sum())
+    rows = lean_rows(chunk_size, student_logits.shape[-1])
+    if num_tokens and rows is not None:
+        per_position = by_autograd(
+            lambda s, index: topk_per_token_kd(s, *(c[index] for c in cache), taus, **kwargs)
+        )
+        total, _ = lean_sum(student_logits, mask, per_position, rows)
+    else:
+        student = student_logits[mask]
+        if num_tokens == 0:
+            return student.float().sum() * 0.0  # exact 0, still attached (see kd_loss)
+        total = topk_per_token_kd(student, *(c[mask] for c in cache), taus, **kwargs).sum()
     scale = temperature**2 if scale_by_tau_sq else 1.0
     return total * (scale / num_tokens)
 

@@ -138,7 +138,7 @@ def loss_terms(
         alpha=alpha,
         beta=loss.beta,
     )
-    t_logits = None
+    t_logits = kd_per_token = None
     if kd_ratio == 0.0 or (teacher is None and not cached):
         kd = torch.zeros((), dtype=torch.float32, device=ce.device)
     elif cached:
@@ -148,15 +148,15 @@ def loss_terms(
         with torch.no_grad():
             t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         t_logits = t_out.logits[:, :-1]
-        kd = kd_loss(logits, t_logits, mask, **kd_kwargs, chunk_size=loss.chunk_size)
+        # per_row: the per-token KD comes with the loss (no second pass, no row copies)
+        kd, kd_per_token = kd_loss(logits, t_logits, mask, **kd_kwargs,
+                                   chunk_size=loss.chunk_size, per_position_out=True)  # fmt: skip
     n = int(mask.sum())
     terms = LossTerms(total=mixed_loss(ce, kd, kd_ratio), ce=ce, kd=kd, tokens=n, kd_tokens=n)
     if per_row:
-        kd_rows = None  # the KD inputs per masked token: (student rows, *teacher rows)
+        kd_rows = None  # cached teacher: the KD inputs per masked token
         if kd_ratio > 0.0 and cached:
             kd_rows = (logits[mask], *(batch[k][mask] for k in TOPK_CACHE))
-        elif kd_ratio > 0.0 and t_logits is not None:
-            kd_rows = (logits[mask], t_logits[mask])
         terms.row_loss = _row_loss(
             logits,
             kd_rows,
@@ -167,6 +167,7 @@ def loss_terms(
             alpha=alpha,
             loss=loss,
             cache_taus=batch[TOPK_TAUS].tolist() if cached else None,
+            kd_per_token=kd_per_token if kd_ratio > 0.0 and t_logits is not None else None,
         )
         terms.row_tokens = mask.sum(dim=1)
     return terms
@@ -184,14 +185,15 @@ def _row_loss(
     alpha: float,
     loss: LossConfig,
     cache_taus: list[float] | None = None,
+    kd_per_token: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each row's summed per-token (1 − λ)·ce + λ·kd (τ² as configured). (B, L, V) -> (B,)
 
     The same per-token terms `ce_loss` and `kd_loss` / `topk_kd_loss` average, so the rows'
     sums over the batch tokens give back the batch loss; no gradient, KD in chunks of
-    loss.chunk_size tokens. kd_rows: the KD inputs at the masked tokens, (student logits,
-    teacher logits) online or (student logits, top-K ids, log-probs, tail) for a cached
-    teacher whose grid is cache_taus; None when λ = 0 or there is no teacher.
+    loss.chunk_size tokens. kd_rows: the KD inputs at the masked tokens for a cached teacher
+    whose grid is cache_taus, (student logits, top-K ids, log-probs, tail); None otherwise.
+    kd_per_token: the online KD per masked token (× τ² as configured), from `kd_loss`.
     """
     rows = mask.nonzero()[:, 0]
     per_token = (1.0 - kd_ratio) * F.cross_entropy(
@@ -209,6 +211,8 @@ def _row_loss(
                 parts.append(topk_per_token_kd(*piece, cache_taus, **knobs))
         kd = torch.cat(parts or [per_token.new_zeros(0)])
         per_token = per_token + kd_ratio * kd * (tau**2 if loss.scale_by_tau_sq else 1.0)
+    if kd_per_token is not None:
+        per_token = per_token + kd_ratio * kd_per_token
     out = torch.zeros(mask.shape[0], dtype=torch.float32, device=per_token.device)
     return out.index_add_(0, rows, per_token)
 
