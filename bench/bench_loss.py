@@ -120,7 +120,8 @@ def table(results: dict, eq: dict) -> str:
         f"V = {V:,}, {SHAPE[0]} x {SHAPE[1]} tokens, float32, τ = {TAU:g}, forward + backward; "
         f"one N x V float32 tensor = {one:.2f} GiB",
         "",
-        "| method | extra peak memory | vs authors | time | vs authors | value / grad vs authors (rel) |",
+        "| method | extra peak memory | vs authors | time | vs authors "
+        "| value / grad vs authors (rel) |",
         "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for m in METHODS:

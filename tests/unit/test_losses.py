@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pocl_ray.losses import (
-    cached_teacher_log_probs,
     LEAN_VOCAB,
+    cached_teacher_log_probs,
     ce_loss,
     kd_loss,
     mixed_loss,
