@@ -12,7 +12,8 @@
     pocl-ray convert-gguf SRC DST              GGUF model -> Hugging Face folder (docs/models.md)
 
 Exit codes: 0 done; 2 a config, data or resource problem found before any work; 3 a job that
-could not finish correctly (jobs/runtime.py). Submitting to a cluster: docs/jobs.md.
+could not finish correctly; 130 a search interrupted with its state saved (jobs/runtime.py).
+Submitting to a cluster: docs/jobs.md.
 """
 
 from __future__ import annotations

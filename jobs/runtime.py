@@ -30,6 +30,13 @@ class JobError(RuntimeError):
     exit_code = 3
 
 
+class Interrupted(JobError):
+    """The user interrupted a job whose state is saved (Ctrl-C in a Tune search): rerun to
+    continue, as the message says."""
+
+    exit_code = 130  # the shell's code for a job ended by SIGINT
+
+
 class ResourceError(JobError):
     """The job asks for CPUs / GPUs the cluster can never give (Ray would wait forever)."""
 

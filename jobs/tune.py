@@ -82,7 +82,12 @@ def _run(
     else:
         tuner = ray_tune.new_tuner(sp, fn, reference=reference, base_budget=budget,
                                    at_once=at_once, experiment=experiment)  # fmt: skip
-    records = ray_tune.fit(tuner)
+    records, interrupted = ray_tune.fit(tuner)
+    if interrupted:  # Ctrl-C: Tune saved the search; the table would be a partial one
+        raise runtime.Interrupted(
+            f"the search was interrupted (Ctrl-C); its state is saved in {experiment}: run "
+            "the same command with --resume to continue it"
+        )
 
     # 5. the outputs
     budgets = {}

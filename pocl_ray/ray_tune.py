@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +280,8 @@ def records(grid: tune.ResultGrid) -> list[search.TrialRecord]:
     """What Tune kept of every trial, as the core's records."""
     out = []
     for r in grid:
+        if r.config is None:  # a trial that never started (an interrupted search)
+            continue
         out.append(
             search.TrialRecord(
                 trial=Path(r.path).name,
@@ -289,7 +294,30 @@ def records(grid: tune.ResultGrid) -> list[search.TrialRecord]:
     return out
 
 
-def fit(tuner: tune.Tuner) -> list[search.TrialRecord]:
-    """Run (or continue) the search; Ray Train's progress lines stay quiet in this process."""
+def fit(tuner: tune.Tuner) -> tuple[list[search.TrialRecord], bool]:
+    """Run (or continue) the search: (the trials' records, whether Ctrl-C interrupted it).
+
+    Tune ends a search on SIGINT after saving its state, and returns normally: nothing in the
+    results says so. So our own SIGINT handler notes it and hands the stop to Tune's other
+    stop signal (SIGUSR1); a second Ctrl-C acts as usual. Ray Train's progress lines stay
+    quiet in this process."""
     ray_train.quiet_logs()
-    return records(tuner.fit())
+    interrupted = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(sig, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+        os.kill(os.getpid(), signal.SIGUSR1)  # ray: Tune's graceful stop (state saved)
+
+    if main:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ray: ours instead of Tune's
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        grid = tuner.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+    return records(grid), interrupted.is_set()

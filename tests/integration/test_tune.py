@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +202,39 @@ def test_an_interrupted_search_resumes_every_trial_once(ray_local, scored, tmp_p
     rows = (second / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in rows]
     assert steps == list(range(len(steps))) and len(steps) == 19
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_saves_the_search_and_says_how_to_resume(ray_local, scored, tmp_path, capsys):
+    """Ctrl-C (SIGINT) in the driver: Tune saves the search, the job exits 130 with the
+    --resume hint instead of a partial table; --resume then finishes every trial once."""
+    out = copy_run(scored, tmp_path / "run")
+    space = write_space(tmp_path / "space.yaml", RESUMABLE)
+    cfg = tiny.tiny_cfg(out)
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_yaml(cfg), encoding="utf-8")
+    experiment = out / "ray" / "tune" / "demo"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "jobs", "tune", str(config), "--space",
+                               str(space)], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and driver.poll() is None:
+        if "TERMINATED" in tune_statuses(experiment).values():
+            break
+        time.sleep(1)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    text = (tmp_path / "driver.log").read_text()
+    assert "with --resume to continue it" in text and "Traceback" not in text
+    assert not (out / "tune" / "results.csv").exists()  # no partial table
+
+    folder = tune.main(cfg, space=space, resume=True)
+    capsys.readouterr()
+    table = pd.read_csv(folder / "results.csv")
+    assert len(table) == 2 and table["trial"].is_unique
+    assert table["status"].tolist() == ["done", "done"]
 
 
 # ---------------------------------------------------------------- a failed trial
