@@ -337,3 +337,24 @@ def test_the_kd_reference_comes_first_and_never_teaches_the_searcher(tmp_path):
     again.restore(str(tmp_path / "state.pkl"))
     assert again.suggest("t2")["params"] == {"optim.lr": 2}  # no second reference
     assert again.searcher.told == [("t1", None, True)]
+
+
+def test_optuna_gets_the_space_and_the_reference_comes_first():
+    """searcher: optuna builds Ray's OptunaSearch over the same domains; the KD reference is
+    handed out first, then TPE's points inside the space."""
+    pytest.importorskip("optuna")  # an optional extra: pocl-ray[tune]
+    sp = search.parse_space({
+        "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                  "curriculum.num_stages": {"choice": [2, 3]}},
+        "search": {"searcher": "optuna", "num_samples": 2},
+    })  # fmt: skip
+    reference = {"params": {"optim.lr": 2e-3, "curriculum.num_stages": 4}, "kd_reference": True}
+    alg = ray_tune.search_alg(sp, reference, at_once=2)
+    assert type(alg.searcher).__name__ == "OptunaSearch"
+    assert alg.set_search_properties("dev_loss", "min", ray_tune.domains(sp))
+    assert alg.suggest("t0") == reference
+    for i in (1, 2):
+        point = alg.suggest(f"t{i}")  # Tune merges it into the param space (kd_reference False)
+        assert not point.get("kd_reference", False)
+        assert 1e-4 <= point["params"]["optim.lr"] <= 1e-2
+        assert point["params"]["curriculum.num_stages"] in (2, 3)
