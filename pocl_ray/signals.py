@@ -44,11 +44,6 @@ class ScoredBatch:
     """Per example, the teacher's top-K cache (`teacher_topk`); None unless topk > 0."""
 
 
-def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values, mask (B, L) → (B,) mean over each row's masked positions."""
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
 def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted labels (B, L-1) and their response mask (B, L-1): logits at t predict t+1."""
     targets = batch["labels"][:, 1:]
@@ -83,20 +78,44 @@ def signal_mask(
     return out
 
 
+def _masked_mean(per_position, mask: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over each row's masked positions of per_position(*rows), evaluated on the
+    masked positions only, CACHE_CHUNK_ROWS at a time: never a (B, L, V) temporary, nothing
+    computed for prompt or padding positions (most of a batch's logits)."""
+    positions = mask.nonzero()
+    values = torch.cat(
+        [per_position(*(t[tuple(chunk.T)] for t in tensors))
+         for chunk in positions.split(CACHE_CHUNK_ROWS)]  # fmt: skip
+        or [torch.zeros(0, device=mask.device)]
+    )
+    sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    sums.index_add_(0, positions[:, 0], values.float())
+    return sums / mask.sum(-1).clamp(min=1)
+
+
 def mean_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, V), (B, L), (B, L) bool → (B,) mean token NLL over each row's masked positions."""
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )
-    return _per_sample_mean(nll, mask)
+
+    def nll(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(rows.float(), target, reduction="none")
+
+    return _masked_mean(nll, mask, logits, targets)
 
 
 def mean_kd_gap(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """(B, L, V) twice, (B, L) bool → (B,) mean per-token KL(teacher ‖ student) at T = 1."""
-    kl = per_token_kd(student_logits, teacher_logits, kind="fkl", temperature=1.0)
-    return _per_sample_mean(kl, mask)
+
+    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not (s.isfinite().all() and t.isfinite().all()):  # masked-out tokens: the full rule
+            return per_token_kd(s, t, kind="fkl", temperature=1.0)
+        vocab = min(s.shape[-1], t.shape[-1])
+        log_q = torch.log_softmax(s[:, :vocab].float(), dim=-1)
+        log_p = torch.log_softmax(t[:, :vocab].float(), dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    return _masked_mean(kl, mask, student_logits, teacher_logits)
 
 
 @torch.no_grad()
