@@ -90,6 +90,7 @@ def run_sft(cfg: Config, model, examples, tok, *, epochs: int, on_epoch=None) ->
         pad_id=tok.pad_token_id,
         seed=cfg.run.seed,
         on_epoch=on_epoch,
+        autocast=cfg.optim.autocast,
     )
 
 

@@ -30,6 +30,7 @@ from pocl_ray.train_step import (
     StepResult,
     decay_groups,
     make_optimizer,
+    mixed_precision,
     shifted,
     train_step,
 )
@@ -241,6 +242,7 @@ def train_stage(
             data_parallel=hooks.data_parallel,
             per_row=seed is None,
             on_policy=None if seed is None else on_policy_spec(cfg, seed, pad_id, eos_ids, module),
+            autocast=opt.autocast,
         )
         seconds = time.perf_counter() - t0
         progress.add(res, step.buckets, seconds, world)
@@ -426,8 +428,10 @@ def sft(
     seed: int = 0,
     weight_decay: float = 0.01,
     on_epoch: Callable[[int, float], None] | None = None,
+    autocast: str | None = None,
 ) -> list[float]:
-    """Supervised fine-tuning (CE only), cosine LR decay to 0; returns the mean loss per epoch."""
+    """Supervised fine-tuning (CE only), cosine LR decay to 0; returns the mean loss per epoch.
+    autocast: forward passes under `mixed_precision` at this dtype (optim.autocast)."""
     opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -445,9 +449,10 @@ def sft(
                 )
             batch = collate([examples[i] for i in batch_idx], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits, targets, mask = shifted(out.logits, batch["labels"])
-            loss = ce_loss(logits, targets, mask)
+            with mixed_precision(model, autocast):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                logits, targets, mask = shifted(out.logits, batch["labels"])
+                loss = ce_loss(logits, targets, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

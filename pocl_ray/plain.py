@@ -7,6 +7,7 @@ Each step's output lands in `run.output_dir`; the teacher is reused when it is a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -30,6 +31,10 @@ log = logging.getLogger("pocl_ray.plain")
 def score_difficulty(cfg: Config, train, train_ex, scorer, teacher, tok) -> pd.DataFrame:
     """Signals for every training example, fused into ranks and stages (core functions)."""
     sig = cfg.scoring
+    if sig.dtype is not None:  # scoring.dtype: score with copies at that precision
+        same = scorer is teacher
+        scorer = copy.deepcopy(scorer).to(models.DTYPES[sig.dtype])
+        teacher = scorer if same else teacher and copy.deepcopy(teacher).to(scorer.dtype)
     budget = new_token_budget(
         sig.max_new_tokens,
         positions=models.max_positions(scorer.config),

@@ -17,6 +17,7 @@ The config crosses into the actors as a plain dict (`config.to_dict`) and is reb
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -170,7 +171,8 @@ class ScorerActor:
         self.calls = 0
 
     def _load(self, path: str, model_cfg: ModelConfig) -> torch.nn.Module:
-        model = models.load_pretrained(path, model_cfg)
+        dtype = self.scoring.dtype or model_cfg.dtype  # scoring.dtype overrides for scoring
+        model = models.load_pretrained(path, dataclasses.replace(model_cfg, dtype=dtype))
         return models.freeze_teacher(model).to(self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -981,7 +981,7 @@ def sft_fn(loop_config: dict) -> None:
 
     losses = sft(model, examples, epochs=cfg.sft.epochs, lr=cfg.sft.lr,
                  batch_size=cfg.sft.batch_size, pad_id=tok.pad_token_id, seed=cfg.run.seed,
-                 on_epoch=on_epoch)  # fmt: skip
+                 on_epoch=on_epoch, autocast=cfg.optim.autocast)  # fmt: skip
     if rank0:
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         models.save_model(model.module if ddp else model, tok, dest)

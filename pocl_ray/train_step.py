@@ -5,6 +5,7 @@ samples), the data-parallel loss scaling, backward, clip, AdamW step. The loop o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,15 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(decay_groups(model, optim.weight_decay), lr=optim.lr)
+
+
+def mixed_precision(model: torch.nn.Module, dtype: str | None):
+    """torch.autocast at `dtype` (optim.autocast) on the model's device, or nothing: the
+    forward's matmuls run at that precision while the float32 weights stay the master copy."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
 
 
 def shifted(
@@ -442,6 +452,7 @@ def train_step(
     data_parallel: DataParallel | None = None,
     per_row: bool = False,
     on_policy: OnPolicy | None = None,
+    autocast: str | None = None,
 ) -> StepResult:
     """Student forward, teacher forward (no grad), CE + KD at the stage's τ and λ, clip, step.
 
@@ -449,22 +460,25 @@ def train_step(
         `rank_loss` (the reported loss stays this rank's own token means).
     per_row: also return each row's summed loss and token count (`loss_terms`).
     on_policy: make this step on-policy (`on_policy_terms`; per-row results are then None).
+    autocast: run the forward passes under `mixed_precision` at this dtype (optim.autocast).
     """
     for group in optimizer.param_groups:
         group["lr"] = base_lr * pos.lr_mult
     knobs = dict(tau=pos.tau, kd_ratio=pos.kd_ratio, alpha=pos.alpha, loss=loss)
-    if on_policy is None:
-        terms = loss_terms(student, teacher, batch, **knobs, per_row=per_row)
-    else:
-        sampled = on_policy_batch(
-            on_policy.generator or student,
-            batch,
-            pad_id=on_policy.pad_id,
-            eos_ids=on_policy.eos_ids,
-            max_new_tokens=on_policy.max_new_tokens,
-            seed=on_policy.seed,
-        )
-        terms = on_policy_terms(student, teacher, batch, sampled, pad_id=on_policy.pad_id, **knobs)
+    with mixed_precision(student, autocast):
+        if on_policy is None:
+            terms = loss_terms(student, teacher, batch, **knobs, per_row=per_row)
+        else:
+            sampled = on_policy_batch(
+                on_policy.generator or student,
+                batch,
+                pad_id=on_policy.pad_id,
+                eos_ids=on_policy.eos_ids,
+                max_new_tokens=on_policy.max_new_tokens,
+                seed=on_policy.seed,
+            )
+            terms = on_policy_terms(student, teacher, batch, sampled, pad_id=on_policy.pad_id,
+                                    **knobs)  # fmt: skip
     backprop = terms.total
     if data_parallel is not None and data_parallel.world_size > 1:
         ce_all, kd_all = data_parallel.all_sum([terms.tokens, terms.kd_tokens])

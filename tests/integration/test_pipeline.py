@@ -27,7 +27,11 @@ def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys)
         assert (tmp_path / rel).exists(), rel
     assert index == tmp_path / "report" / "index.html"
     results = pd.read_csv(tmp_path / "eval" / "results.csv")
-    assert set(results["model"]) == {"teacher", "pocl", "kd", "sft"}
+    assert set(results["model"]) == {"teacher", "start", "pocl", "kd", "sft"}
+    dev = json.loads((tmp_path / "dev_loss.json").read_text())
+    assert set(dev["token_mean_ce"]) == {"start", "pocl", "kd", "sft"} and dev["examples"] > 0
+    assert dev["token_mean_ce"]["pocl"] != dev["token_mean_ce"]["start"]  # it trained
+    assert f"start {dev['token_mean_ce']['start']:.4f}" in first
     pocl = pd.read_json(tmp_path / "pocl" / "metrics.jsonl", lines=True)
     kd = pd.read_json(tmp_path / "kd" / "metrics.jsonl", lines=True)
     assert pocl["stage"].nunique() == cfg.curriculum.num_stages and kd["stage"].nunique() == 1
@@ -62,17 +66,18 @@ def test_pipeline_with_a_pretrained_teacher_folder_and_a_top1_cache(ray_local, t
         "loss.teacher_source=cache",
         "scoring.max_new_tokens=256",
         "scaling.num_workers=0",  # Train local mode: the wiring is what is tested here
+        "run.pipeline_runs=[pocl,sft]",  # a choice of runs: no kd/
     )
     pipeline.main(cfg)
     printed = capsys.readouterr().out
     assert not (out / "teacher").exists()  # nothing trained in its place
     results = pd.read_csv(out / "eval" / "results.csv")
-    assert set(results["model"]) == {"teacher", "pocl", "kd", "sft"}
+    assert set(results["model"]) == {"teacher", "start", "pocl", "sft"}
+    assert not (out / "kd").exists() and "pipeline: kd:" not in printed
     manifest = json.loads((out / "eval" / "manifest.json").read_text())
     assert manifest["models"]["teacher"]["path"] == str(folder)
-    for run in ("pocl", "kd"):  # the K = 1 cache still teaches: a non-zero KD term
-        kd = pd.read_json(out / run / "metrics.jsonl", lines=True)["kd"]
-        assert (kd > 0).all(), run
+    kd = pd.read_json(out / "pocl" / "metrics.jsonl", lines=True)["kd"]
+    assert (kd > 0).all()  # the K = 1 cache still teaches: a non-zero KD term
     sft = pd.read_json(out / "sft" / "metrics.jsonl", lines=True)
     assert (sft["kd_ratio"] == 0).all() and (sft["kd"] == 0).all()
     assert "scoring.max_new_tokens=256 clamped to 32" in printed

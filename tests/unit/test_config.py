@@ -537,7 +537,7 @@ def test_unknown_key_in_section():
     problems = problems_of({"optim": {"learning_rate": 1e-3}})
     assert problems == [
         "optim.learning_rate: unknown key; allowed keys: "
-        "batch_size, grad_clip, lr, min_lr, warmup_steps, weight_decay"
+        "autocast, batch_size, grad_clip, lr, min_lr, warmup_steps, weight_decay"
     ]
 
 
@@ -999,3 +999,25 @@ def test_config_error_is_value_error():
 
 def test_dataclass_fields_match_sections():
     assert sorted(f.name for f in dataclasses.fields(Config)) == SECTIONS
+
+
+def test_scoring_dtype_is_optional_and_checked():
+    assert load_config(None, []).scoring.dtype is None  # the models' own dtype
+    assert load_config(None, ["scoring.dtype=bfloat16"]).scoring.dtype == "bfloat16"
+    (problem,) = override_problems(["scoring.dtype=int8"])
+    assert problem.startswith("scoring.dtype: got 'int8'") and "'bfloat16'" in problem
+
+
+def test_pipeline_runs_are_checked():
+    assert load_config(None, []).run.pipeline_runs == ["pocl", "kd", "sft"]
+    assert load_config(None, ["run.pipeline_runs=[pocl]"]).run.pipeline_runs == ["pocl"]
+    for bad in ("[pocl,pocl]", "[]", "[pocl,dpo]"):
+        (problem,) = override_problems([f"run.pipeline_runs={bad}"])
+        assert problem.startswith("run.pipeline_runs: got") and "each once" in problem
+
+
+def test_optim_autocast_is_checked():
+    assert load_config(None, []).optim.autocast is None
+    assert load_config(None, ["optim.autocast=bfloat16"]).optim.autocast == "bfloat16"
+    (problem,) = override_problems(["optim.autocast=fp8"])
+    assert problem.startswith("optim.autocast: got 'fp8'")

@@ -1,7 +1,9 @@
 """The plain single-process pipeline end to end on a tiny config, and its report."""
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from jobs.__main__ import main
 from pocl_ray.plain import run_plain
@@ -55,3 +57,27 @@ def test_teacher_is_reused_on_a_second_run(plain_run, caplog):
         run_plain(cfg)
     assert "teacher: reusing" in caplog.text
     assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_plain_scoring_at_bfloat16_keeps_the_callers_models(task_records, task_tok):
+    """scoring.dtype makes the plain scorer use copies at that precision: the signals come
+    out float and finite, close to float32's, and the caller's models stay float32."""
+    from pocl_ray.config import load_config
+    from pocl_ray.data import tokenize_records
+    from pocl_ray.models import build_tiny
+    from pocl_ray.plain import score_difficulty
+
+    records = task_records[:24]
+    examples = tokenize_records(records, task_tok, max_prompt_length=64, max_length=96).examples
+    scorer = build_tiny(load_config(None, []).student, task_tok, 96).eval()
+    teacher = build_tiny(load_config(None, []).teacher, task_tok, 96).eval()
+    over = ["scoring.signals=[nll,kd_gap]", "curriculum.num_stages=2", "scoring.batch_size=8",
+            "data.max_prompt_length=64", "data.max_length=96"]  # fmt: skip
+    runs = {}
+    for dtype in ("null", "bfloat16"):
+        cfg = load_config(None, [*over, f"scoring.dtype={dtype}"])
+        runs[dtype] = score_difficulty(cfg, records, examples, scorer, teacher, task_tok)
+    assert next(scorer.parameters()).dtype == next(teacher.parameters()).dtype == torch.float32
+    low, full = runs["bfloat16"].sort_values("sample_id"), runs["null"].sort_values("sample_id")
+    assert np.isfinite(low["nll"]).all()
+    np.testing.assert_allclose(low["nll"], full["nll"], rtol=0.05)

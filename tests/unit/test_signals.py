@@ -12,7 +12,14 @@ from pocl_ray.config import ModelConfig
 from pocl_ray.data import collate, tokenize_record, tokenize_records
 from pocl_ray.evaluation import generate, rouge_l
 from pocl_ray.models import build_tiny, freeze_teacher
-from pocl_ray.signals import kd_gap, response_nll, score_batch, signal_mask
+from pocl_ray.signals import (
+    ResponseLogits,
+    head_is_separable,
+    kd_gap,
+    response_nll,
+    score_batch,
+    signal_mask,
+)
 
 MAX_LEN = 128
 ALL = ["rouge", "nll", "teacher_nll", "kd_gap"]
@@ -193,23 +200,26 @@ def test_nll_signals_leave_out_the_appended_eos(env, student, teacher, which):
     assert got["kd_gap"] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
-def count_forwards(model, monkeypatch) -> list[int]:
-    """Count calls of `model.forward` (a one-element list, updated in place)."""
+def count_forwards(model, monkeypatch, rows: int) -> list[int]:
+    """Count the runs of `model`'s decoder body on a batch of `rows` rows (a one-element
+    list, updated in place). The body is what costs; `ResponseLogits` runs it through
+    `base_model` (and once more on 2 rows for its separability self-check)."""
     calls = [0]
-    inner = model.forward
+    body = model.base_model
+    inner = body.forward
 
     def counted(*args, **kwargs):
-        calls[0] += 1
+        calls[0] += kwargs["input_ids"].shape[0] == rows
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", counted)
+    monkeypatch.setattr(body, "forward", counted)
     return calls
 
 
 def test_score_batch_runs_the_teacher_once(env, student, teacher, monkeypatch):
     """All four signals plus the cache: one teacher forward, one scorer forward besides
     generation (rouge's greedy decoding runs the scorer step by step)."""
-    t_calls = count_forwards(teacher, monkeypatch)
+    t_calls = count_forwards(teacher, monkeypatch, len(env.examples))
     out = score_batch(
         env.examples,
         env.references,
@@ -223,7 +233,7 @@ def test_score_batch_runs_the_teacher_once(env, student, teacher, monkeypatch):
     )
     assert t_calls == [1]
     assert set(out.signals) == set(ALL) and len(out.cache) == len(env.examples)
-    s_calls = count_forwards(student, monkeypatch)
+    s_calls = count_forwards(student, monkeypatch, len(env.examples))
     score_batch(
         env.examples,
         env.references,
@@ -239,7 +249,7 @@ def test_score_batch_runs_the_teacher_once(env, student, teacher, monkeypatch):
 
 
 def test_a_teacher_scorer_reuses_the_teachers_forward(env, teacher, monkeypatch):
-    calls = count_forwards(teacher, monkeypatch)
+    calls = count_forwards(teacher, monkeypatch, len(env.examples))
     out = score_batch(
         env.examples,
         env.references,
@@ -351,3 +361,74 @@ def test_the_cache_needs_a_teacher(env, student):
             topk=2,
             cache_taus=[1.0],
         )
+
+
+# ---------------------------------------------------------------- ResponseLogits
+
+
+def response_positions(env):
+    batch = collate(env.examples, env.tok.pad_token_id)
+    return batch, (batch["labels"][:, 1:] != -100).nonzero()
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_response_logits_equal_the_full_forward(env, student, teacher, which):
+    """The head applied at the response positions only gives the full forward's logits."""
+    model = student if which == "student" else teacher
+    batch, positions = response_positions(env)
+    assert head_is_separable(model, batch)  # GPT-2 and Llama: the cheap path is taken
+    got = ResponseLogits(model, batch, positions)
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    want = want.logits[:, :-1][tuple(positions.T)]
+    n = len(positions)
+    chunks = torch.cat([got.chunk(slice(i, i + 5)) for i in range(0, n, 5)])
+    assert chunks.dtype == torch.float32 and chunks.shape == want.shape
+    torch.testing.assert_close(chunks, want, rtol=1e-5, atol=1e-5)
+
+
+class SoftCapped(torch.nn.Module):
+    """A causal LM whose logits are NOT head(base(x)): it soft-caps them (as Gemma 2 does)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.base_model_prefix = "inner"
+
+    @property
+    def base_model(self):
+        return self.inner.base_model
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+
+def test_a_model_that_post_processes_logits_takes_the_full_forward(env, student):
+    model = SoftCapped(student).eval()
+    batch, positions = response_positions(env)
+    assert not head_is_separable(model, batch)
+    got = ResponseLogits(model, batch, positions).chunk(slice(None))
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(got, want.logits[:, :-1][tuple(positions.T)].float())
+    assert got.abs().max() <= 3.0
+
+
+def test_a_bfloat16_body_gives_float32_logits_close_to_float32(env, teacher):
+    """scoring.dtype=bfloat16: the body at bfloat16, the head and every signal in float32."""
+    batch, positions = response_positions(env)
+    low = copy.deepcopy(teacher).to(torch.bfloat16)
+    got = ResponseLogits(low, batch, positions).chunk(slice(None))
+    want = ResponseLogits(teacher, batch, positions).chunk(slice(None))
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    common = dict(signals=["nll", "teacher_nll", "kd_gap"], tokenizer=env.tok, max_new_tokens=4)
+    a = score_batch(env.examples, env.references, scorer=low, teacher=low, **common).signals
+    b = score_batch(env.examples, env.references, scorer=teacher, teacher=teacher, **common)
+    np.testing.assert_allclose(a["nll"], b.signals["nll"], rtol=0.02)
+    assert max(abs(x) for x in a["kd_gap"]) == 0.0  # the same model: no gap at any precision

@@ -551,3 +551,42 @@ def test_sft_lowers_the_loss(env):
     assert seen == list(enumerate(losses))
     assert losses[-1] < 0.8 * losses[0], losses
     assert mean_ce(model, env.examples[:32], env.pad) < losses[0]
+
+
+# ---------------------------------------------------------------- optim.autocast
+
+
+def test_autocast_step_runs_the_matmuls_in_bfloat16_and_keeps_float32_state(env, teacher):
+    """optim.autocast=bfloat16: the student's matmuls run in bfloat16 (seen in its logits),
+    the loss is float32 and close to the float32 step's, and the master weights, their
+    gradients and AdamW's state stay float32."""
+    batch = collate(env.examples[:8], env.pad)
+    results, students = {}, {}
+    for autocast in (None, "bfloat16"):
+        student = tiny(env, "gpt2")
+        seen = []
+        student.lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        optimizer = make_optimizer(student, OptimConfig(lr=1e-3))
+        results[autocast] = train_step(student, teacher, optimizer, batch,
+                                       pos=position(lr_mult=1.0), base_lr=1e-3, loss=LossConfig(),
+                                       grad_clip=1.0, autocast=autocast)  # fmt: skip
+        students[autocast] = (student, optimizer, seen)
+    student, optimizer, seen = students["bfloat16"]
+    assert seen == [torch.bfloat16] and students[None][2] == [torch.float32]
+    assert results["bfloat16"].loss == pytest.approx(results[None].loss, rel=0.02)
+    assert results["bfloat16"].loss != results[None].loss  # it did run at lower precision
+    for p in student.parameters():
+        assert p.dtype == p.grad.dtype == torch.float32
+        assert optimizer.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_sft_with_autocast_learns(env):
+    """The SFT of the starting student under optim.autocast lowers its loss like float32."""
+    losses = {}
+    for autocast in (None, "bfloat16"):
+        model = tiny(env, "gpt2")
+        losses[autocast] = sft(model, env.examples[:32], epochs=3, lr=3e-3, batch_size=8,
+                               pad_id=env.pad, autocast=autocast)  # fmt: skip
+        assert next(model.parameters()).dtype == torch.float32
+    assert losses["bfloat16"][-1] < 0.9 * losses["bfloat16"][0]
+    assert losses["bfloat16"][-1] == pytest.approx(losses[None][-1], rel=0.05)
