@@ -36,6 +36,8 @@ from pocl_ray.train_step import (
 )
 
 log = logging.getLogger("pocl_ray.train")
+SFT_LOG_EVERY = 25
+"""`sft` logs its step and loss every this many steps."""
 
 
 # ---------------------------------------------------------------- stage progress
@@ -459,6 +461,9 @@ def sft(
             opt.step()
             epoch_loss += loss.item()
             step += 1
+            if step % SFT_LOG_EVERY == 0 or step == total:  # long SFTs show they are moving
+                log.info("sft: step %d/%d (epoch %d/%d) loss %.4f", step, total, epoch + 1,
+                         epochs, loss.item())  # fmt: skip
         losses.append(epoch_loss / steps_per_epoch)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])

@@ -590,3 +590,14 @@ def test_sft_with_autocast_learns(env):
         assert next(model.parameters()).dtype == torch.float32
     assert losses["bfloat16"][-1] < 0.9 * losses["bfloat16"][0]
     assert losses["bfloat16"][-1] == pytest.approx(losses[None][-1], rel=0.05)
+
+
+def test_sft_logs_its_progress(env, caplog, monkeypatch):
+    """A long SFT (minutes on a real model) says where it is every SFT_LOG_EVERY steps."""
+    import pocl_ray.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "SFT_LOG_EVERY", 2)
+    with caplog.at_level("INFO", logger="pocl_ray.train"):
+        sft(tiny(env, "gpt2"), env.examples[:40], epochs=1, lr=1e-3, batch_size=8, pad_id=env.pad)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sft: step")]
+    assert [line.split()[2] for line in lines] == ["2/5", "4/5", "5/5"]
