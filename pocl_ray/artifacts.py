@@ -91,6 +91,7 @@ def run_sft(cfg: Config, model, examples, tok, *, epochs: int, on_epoch=None) ->
         seed=cfg.run.seed,
         on_epoch=on_epoch,
         autocast=cfg.optim.autocast,
+        gradient_checkpointing=cfg.optim.gradient_checkpointing,
     )
 
 

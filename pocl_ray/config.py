@@ -349,6 +349,10 @@ class OptimConfig:
     """Mixed precision for every student training step (distillation and the SFT of the
     starting student): forward passes under torch.autocast at this dtype; weights, gradients
     and AdamW state stay float32 and the losses are computed in float32 (docs/distill.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them, for
+    every student training step: less memory for longer sequences or bigger batches, at about
+    one more forward pass of time (transformers' gradient_checkpointing_enable)."""
 
     def problems(self) -> list[str]:
         out = bounds(

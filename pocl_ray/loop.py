@@ -33,6 +33,7 @@ from pocl_ray.train_step import (
     mixed_precision,
     shifted,
     train_step,
+    training_mode,
 )
 
 log = logging.getLogger("pocl_ray.train")
@@ -338,7 +339,7 @@ def run_curriculum(
     buckets = curriculum.difficulty_buckets(difficulty_rank, sizes).tolist()
     eos_ids = tuple(dict.fromkeys([*eos_ids, *models.eos_token_ids(student)]))
     device = next(student.parameters()).device
-    student.train()
+    training_mode(student, cfg.optim.gradient_checkpointing)
     seed_training(cfg.run.seed)
     history: list[dict] = []
 
@@ -431,14 +432,16 @@ def sft(
     weight_decay: float = 0.01,
     on_epoch: Callable[[int, float], None] | None = None,
     autocast: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """Supervised fine-tuning (CE only), cosine LR decay to 0; returns the mean loss per epoch.
-    autocast: forward passes under `mixed_precision` at this dtype (optim.autocast)."""
+    autocast: forward passes under `mixed_precision` at this dtype (optim.autocast).
+    gradient_checkpointing: `training_mode` (optim.gradient_checkpointing)."""
     opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = epochs * steps_per_epoch
-    model.train()
+    training_mode(model, gradient_checkpointing)
     losses = []
     step = 0
     for epoch in range(epochs):

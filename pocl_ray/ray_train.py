@@ -58,7 +58,7 @@ from pocl_ray.loop import (
 )
 from pocl_ray.run_dir import Locations, RunDir, changes, read_manifest
 from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS
-from pocl_ray.train_step import DataParallel, make_optimizer, topk_targets
+from pocl_ray.train_step import DataParallel, make_optimizer, topk_targets, training_mode
 
 STATE_FORMAT = 2
 CKPT_PREFIX = "ckpt_"
@@ -822,7 +822,8 @@ def train_fn(loop_config: dict) -> None:
     restored = _restore(job, student, w.rank)
     if restored is None:
         seed_training(cfg.run.seed, w.rank)
-    student.train()  # transformers loads in eval mode: dropout must be on, as in the plain loop
+    # transformers loads in eval mode: dropout must be on, as in the plain loop
+    training_mode(student, cfg.optim.gradient_checkpointing)
     model = ray.train.torch.prepare_model(student)  # ray: DDP when world > 1; to device
     w.start(restored)
     if w.position["done"]:
@@ -981,7 +982,8 @@ def sft_fn(loop_config: dict) -> None:
 
     losses = sft(model, examples, epochs=cfg.sft.epochs, lr=cfg.sft.lr,
                  batch_size=cfg.sft.batch_size, pad_id=tok.pad_token_id, seed=cfg.run.seed,
-                 on_epoch=on_epoch, autocast=cfg.optim.autocast)  # fmt: skip
+                 on_epoch=on_epoch, autocast=cfg.optim.autocast,
+                 gradient_checkpointing=cfg.optim.gradient_checkpointing)  # fmt: skip
     if rank0:
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         models.save_model(model.module if ddp else model, tok, dest)

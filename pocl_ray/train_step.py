@@ -107,6 +107,32 @@ def mixed_precision(model: torch.nn.Module, dtype: str | None):
     return torch.autocast(device_type=device, dtype=getattr(torch, dtype))
 
 
+def training_mode(model: torch.nn.Module, gradient_checkpointing: bool = False) -> None:
+    """`model.train()`, with transformers' gradient checkpointing on or off as asked
+    (optim.gradient_checkpointing; non-reentrant, which DDP and frozen inputs allow)."""
+    model.train()
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    # transformers 5 renamed gradient_* to activation_checkpointing_* (the old names warn)
+    renamed = hasattr(inner, "activation_checkpointing_enable")
+    if gradient_checkpointing:
+        if not getattr(inner, "supports_gradient_checkpointing", False):
+            raise ValueError(f"optim.gradient_checkpointing: {type(inner).__name__} does not "
+                             "support it; set it to false")  # fmt: skip
+        kwargs = {"use_reentrant": False}
+        if renamed:
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif checkpointing(inner):
+        (inner.activation_checkpointing_disable if renamed
+         else inner.gradient_checkpointing_disable)()  # fmt: skip
+
+
+def checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a transformers model recomputes activations in backward (`training_mode`)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def shifted(
     logits: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -304,10 +304,14 @@ def test_one_worker_equals_the_plain_loop(scored, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["optim.gradient_checkpointing=true"]],
+                         ids=["plain", "gradient_checkpointing"])  # fmt: skip
+def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path, extra):
+    """DDP on two workers = the plain loop on the global batch; with gradient checkpointing
+    on the workers too (recomputed activations, same gradients)."""
     out = copy_run(scored, tmp_path)
     # dropout off: two ranks draw their masks from two RNG streams, the plain loop from one
-    cfg = tiny_cfg(out, "scaling.num_workers=2", "student.dropout=0.0")
+    cfg = tiny_cfg(out, "scaling.num_workers=2", "student.dropout=0.0", *extra)
     distill.main(cfg)
     n = tiny.read_manifest(out)["counts"]["scored"]
     plan = plan_of(cfg, n, world=2)  # global batch 2 x 16

@@ -537,7 +537,8 @@ def test_unknown_key_in_section():
     problems = problems_of({"optim": {"learning_rate": 1e-3}})
     assert problems == [
         "optim.learning_rate: unknown key; allowed keys: "
-        "autocast, batch_size, grad_clip, lr, min_lr, warmup_steps, weight_decay"
+        "autocast, batch_size, grad_clip, gradient_checkpointing, lr, min_lr, warmup_steps, "
+        "weight_decay"
     ]
 
 

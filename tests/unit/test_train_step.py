@@ -601,3 +601,36 @@ def test_sft_logs_its_progress(env, caplog, monkeypatch):
         sft(tiny(env, "gpt2"), env.examples[:40], epochs=1, lr=1e-3, batch_size=8, pad_id=env.pad)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sft: step")]
     assert [line.split()[2] for line in lines] == ["2/5", "4/5", "5/5"]
+
+
+# ---------------------------------------------------------------- optim.gradient_checkpointing
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_checkpointing_gives_the_same_step(env, teacher, arch):
+    """Recomputing activations in backward changes memory, not results: the same loss and
+    the same gradients (float32, no dropout) as a plain step, and it can be turned off."""
+    from pocl_ray.train_step import checkpointing, training_mode
+
+    batch = collate(env.examples[:8], env.pad)
+    grads, losses = {}, {}
+    for on in (False, True):
+        student = tiny(env, arch)
+        training_mode(student, gradient_checkpointing=on)
+        assert checkpointing(student) == on
+        optimizer = make_optimizer(student, OptimConfig(lr=1e-3))
+        losses[on] = train_step(student, teacher, optimizer, batch, pos=position(lr_mult=1.0),
+                                base_lr=1e-3, loss=LossConfig(), grad_clip=1e9).loss  # fmt: skip
+        grads[on] = {k: p.grad.clone() for k, p in student.named_parameters()}
+    training_mode(student, gradient_checkpointing=False)
+    assert not checkpointing(student)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    for k, g in grads[False].items():
+        torch.testing.assert_close(grads[True][k], g, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_of_a_model_without_it_is_refused():
+    from pocl_ray.train_step import training_mode
+
+    with pytest.raises(ValueError, match="optim.gradient_checkpointing: Linear does not"):
+        training_mode(torch.nn.Linear(2, 2), gradient_checkpointing=True)
