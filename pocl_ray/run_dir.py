@@ -72,12 +72,22 @@ class Locations:
         """The one rule: tokenizer.name_or_path, else the teacher's own tokenizer (a pretrained
         teacher brings one), else `<run>/tokenizer/` (trained on the data); the teacher from
         teacher.name_or_path or `<run>/teacher/`; the starting student from
-        student.name_or_path or `<run>/student_init/`."""
+        student.name_or_path or `<run>/student_init/`.
+
+        A folder that exists here is given as an absolute path: Ray Train workers change
+        directory (a relative `models/SmolLM2-135M-Instruct` was otherwise looked up on the
+        hub by the worker that saves the student). Hub names are left as they are."""
         return cls(
-            tokenizer=cfg.tokenizer.name_or_path or cfg.teacher.name_or_path or str(run.tokenizer),
-            teacher=cfg.teacher.name_or_path or str(run.teacher),
-            student_init=cfg.student.name_or_path or str(run.student_init),
+            tokenizer=_here(cfg.tokenizer.name_or_path or cfg.teacher.name_or_path
+                            or str(run.tokenizer)),  # fmt: skip
+            teacher=_here(cfg.teacher.name_or_path or str(run.teacher)),
+            student_init=_here(cfg.student.name_or_path or str(run.student_init)),
         )
+
+
+def _here(where: str) -> str:
+    """`where` made absolute when it is a local file or folder, else as given (a hub name)."""
+    return str(Path(where).resolve()) if Path(where).exists() else where
 
 
 # ---------------------------------------------------------------- identities

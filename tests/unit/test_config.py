@@ -1022,3 +1022,18 @@ def test_optim_autocast_is_checked():
     assert load_config(None, ["optim.autocast=bfloat16"]).optim.autocast == "bfloat16"
     (problem,) = override_problems(["optim.autocast=fp8"])
     assert problem.startswith("optim.autocast: got 'fp8'")
+
+
+def test_locations_are_absolute_for_local_folders(tmp_path, monkeypatch):
+    """Ray Train workers change directory: the model and tokenizer locations handed to them
+    are absolute for a folder that exists here, and hub names stay names."""
+    from pocl_ray.run_dir import Locations, RunDir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    cfg = load_config(None, ["run.output_dir=runs/x", "teacher.name_or_path=models/teacher",
+                             "student.name_or_path=HuggingFaceTB/SmolLM2-135M"])  # fmt: skip
+    where = Locations.of(cfg, RunDir(Path(cfg.run.output_dir)))
+    folder = str(tmp_path / "models" / "teacher")
+    assert where.teacher == where.tokenizer == folder  # the teacher's tokenizer
+    assert where.student_init == "HuggingFaceTB/SmolLM2-135M"
