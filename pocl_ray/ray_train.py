@@ -234,9 +234,13 @@ def run_settings(cfg: Config, *, n: int, world_size: int, table_key: dict[str, A
         "seed": cfg.run.seed,
         "curriculum": c["curriculum"],
         "loss": c["loss"],
-        "optim": c["optim"],
+        "optim": {k: v for k, v in c["optim"].items() if k not in RESUME_FREE_OPTIM},
         "student_dropout": cfg.student.dropout,
     }
+
+
+RESUME_FREE_OPTIM = ("gradient_checkpointing",)
+"""Optim keys a resumed run may change: they change memory, not the steps' results."""
 
 
 def settings_key(settings: dict) -> str:
