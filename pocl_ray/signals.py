@@ -53,14 +53,6 @@ def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return targets, targets != IGNORE_INDEX
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, L-1, V) next-token logits aligned with `_targets`."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-        :, :-1
-    ]
-
-
 def signal_mask(
     labels: torch.Tensor, examples: Sequence[TokenizedExample], eos_id: int | None
 ) -> torch.Tensor:
@@ -81,55 +73,15 @@ def signal_mask(
     return out
 
 
-def _masked_mean(per_position, mask: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    """(B,) mean over each row's masked positions of per_position(*rows), evaluated on the
-    masked positions only, CACHE_CHUNK_ROWS at a time: never a (B, L, V) temporary, nothing
-    computed for prompt or padding positions (most of a batch's logits)."""
-    positions = mask.nonzero()
-    values = torch.cat(
-        [per_position(*(t[tuple(chunk.T)] for t in tensors))
-         for chunk in positions.split(CACHE_CHUNK_ROWS)]  # fmt: skip
-        or [torch.zeros(0, device=mask.device)]
-    )
-    sums = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
-    sums.index_add_(0, positions[:, 0], values.float())
-    return sums / mask.sum(-1).clamp(min=1)
-
-
-def mean_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, V), (B, L), (B, L) bool → (B,) mean token NLL over each row's masked positions."""
-
-    def nll(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(rows.float(), target, reduction="none")
-
-    return _masked_mean(nll, mask, logits, targets)
-
-
-def mean_kd_gap(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """(B, L, V) twice, (B, L) bool → (B,) mean per-token KL(teacher ‖ student) at T = 1."""
-
-    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not (s.isfinite().all() and t.isfinite().all()):  # masked-out tokens: the full rule
-            return per_token_kd(s, t, kind="fkl", temperature=1.0)
-        vocab = min(s.shape[-1], t.shape[-1])
-        log_q = torch.log_softmax(s[:, :vocab].float(), dim=-1)
-        log_p = torch.log_softmax(t[:, :vocab].float(), dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-    return _masked_mean(kl, mask, student_logits, teacher_logits)
-
-
 @torch.no_grad()
 def response_nll(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B,) mean token NLL of each reference response (prompt and padding masked).
+    """(B,) mean token NLL of each reference response (prompt and padding masked), by the
+    same path as `score_batch`.
 
     mask: (B, L-1) the positions to average (default: every response label)."""
-    targets, response = _targets(batch)
-    return mean_nll(_logits(model, batch), targets, response if mask is None else mask)
+    return _mean_signal("nll", model, None, batch, mask)
 
 
 @torch.no_grad()
@@ -139,12 +91,22 @@ def kd_gap(
     batch: dict[str, torch.Tensor],
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B,) mean per-token KL(teacher || student) at T = 1 over each response.
+    """(B,) mean per-token KL(teacher || student) at T = 1 over each response, by the same
+    path as `score_batch`.
 
     mask: (B, L-1) the positions to average (default: every response label)."""
-    _, response = _targets(batch)
+    return _mean_signal("kd_gap", student, teacher, batch, mask)
+
+
+def _mean_signal(name: str, scorer, teacher, batch, mask: torch.Tensor | None) -> torch.Tensor:
+    targets, response = _targets(batch)
     mask = response if mask is None else mask
-    return mean_kd_gap(_logits(student, batch), _logits(teacher, batch), mask)
+    positions = mask.nonzero()
+    s_logits = ResponseLogits(scorer, batch, positions)
+    t_logits = None if teacher is None else ResponseLogits(teacher, batch, positions)
+    values, _ = position_signals(s_logits, t_logits, targets[tuple(positions.T)], wanted=[name])
+    every = torch.ones(len(positions), dtype=torch.bool, device=mask.device)
+    return _row_means(values[name], positions[:, 0], every, mask)
 
 
 @torch.no_grad()
