@@ -13,7 +13,8 @@ time is the best of 3 runs. Methods:
   which changes the value, not the gradient), written here from their code;
 - plain: our `kd_loss` on the plain autograd path (the default before the lean path);
 - lean: our default from V >= 32k: loss and gradient chunk by chunk in one pass
-  (`losses.lean_sum`), 64 rows per chunk; lean-256: the same with loss.chunk_size=256.
+  (`losses.lean_sum`), LEAN_CHUNK_ROWS rows per chunk; lean-16 / lean-256: the same with
+  loss.chunk_size=16 / 256.
 
 Equality is checked on a smaller input (2 x 64 tokens, same V): value (after the τ² factor
 and the teacher-entropy constant) and gradient of every method against the authors'.
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from pocl_ray import losses  # noqa: E402
 
 V, SHAPE, TAU = 50257, (8, 512), 2.0
-METHODS = ("authors", "plain", "lean", "lean-256")
+METHODS = ("authors", "plain", "lean", "lean-16", "lean-256")
 REPEATS = 3
 
 
@@ -61,7 +62,7 @@ def run(method: str, s, t, mask):
     if method == "plain":
         losses.LEAN_VOCAB = 1 << 30  # the plain path at any vocabulary
         return losses.kd_loss(s, t, mask, kind="fkl", temperature=TAU)
-    chunk = 256 if method == "lean-256" else None
+    chunk = {"lean-16": 16, "lean-256": 256}.get(method)
     return losses.kd_loss(s, t, mask, kind="fkl", temperature=TAU, chunk_size=chunk)
 
 

@@ -31,7 +31,7 @@ from pocl_ray.train_step import (
     decay_groups,
     make_optimizer,
     mixed_precision,
-    shifted,
+    response_logits,
     train_step,
     training_mode,
 )
@@ -409,12 +409,9 @@ def mean_ce(
     device = next(model.parameters()).device
     for idx in batches(range(len(examples)), batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        logits, targets, mask = shifted(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-            batch["labels"],
-        )
-        n = int(mask.sum())
-        total += ce_loss(logits, targets, mask).item() * n
+        logits, targets, _ = response_logits(model, batch)
+        n = len(targets)
+        total += ce_loss(logits, targets, targets >= 0).item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -455,9 +452,8 @@ def sft(
             batch = collate([examples[i] for i in batch_idx], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             with mixed_precision(model, autocast):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                logits, targets, mask = shifted(out.logits, batch["labels"])
-                loss = ce_loss(logits, targets, mask)
+                logits, targets, _ = response_logits(model, batch)
+                loss = ce_loss(logits, targets, targets >= 0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

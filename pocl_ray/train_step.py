@@ -6,6 +6,7 @@ samples), the data-parallel loss scaling, backward, clip, AdamW step. The loop o
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,6 @@ from pocl_ray.losses import (
     ce_loss,
     kd_loss,
     mixed_loss,
-    per_token_kd,
     topk_kd_loss,
     topk_per_token_kd,
 )
@@ -144,6 +144,85 @@ def shifted(
     return logits[:, :-1], targets, targets != -100
 
 
+_SELECTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def head_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Within the block, the model's output head sees only hidden[positions] (a (B, L) bool),
+    so `model(...).logits` is (N, V) for the N selected positions in row-major order.
+
+    A forward pre-hook on the head, so the call still goes through the model's (and DDP's)
+    forward; positions None leaves the model alone. Real vocabularies make the head the
+    costliest layer of a small student (49k × 576 for SmolLM2), and responses are about a
+    quarter of a padded batch, so this skips ~3/4 of its work and of the logits' memory.
+    """
+    if positions is None:
+        yield
+        return
+    head = _unwrapped(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def head_selectable(model: torch.nn.Module) -> bool:
+    """Whether `head_at` gives exactly the full forward's logits at the selected positions,
+    checked once per model on a 2 × 6 input (a self-check, not a list of families: anything a
+    model does after its head must be per position for the selection to be exact)."""
+    inner = _unwrapped(model)
+    if inner not in _SELECTABLE:
+        ok = isinstance(inner.get_output_embeddings(), torch.nn.Linear)
+        if ok:
+            device = next(inner.parameters()).device
+            ids = torch.arange(12, device=device).reshape(2, 6) % inner.config.vocab_size
+            attn = torch.ones_like(ids)
+            positions = torch.zeros_like(ids, dtype=torch.bool)
+            positions[0, 2:5], positions[1, 0] = True, True
+            was = inner.training
+            inner.eval()  # dropout off: the two forwards must be comparable
+            # and at full precision (a caller's autocast would round both to its dtype)
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                full = inner(input_ids=ids, attention_mask=attn).logits[positions]
+                with head_at(inner, positions):
+                    part = inner(input_ids=ids, attention_mask=attn).logits
+            inner.train(was)
+            ok = full.shape == part.shape and torch.allclose(full, part, rtol=1e-4, atol=1e-4)
+        _SELECTABLE[inner] = ok
+    return _SELECTABLE[inner]
+
+
+def head_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) shifted response mask -> (B, L) positions whose logits the loss uses (the
+    logits at t predict the label at t + 1; the last position predicts nothing)."""
+    return F.pad(mask, (0, 1), value=False)
+
+
+def response_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's logits at the response positions only, their targets and batch rows:
+    (N, V), (N,), (N,) with N the batch's response tokens, in `shifted` order (row-major).
+
+    The head runs only there when `head_selectable`; otherwise the full forward is sliced,
+    with the same result.
+    """
+    targets, mask = batch["labels"][:, 1:], batch["labels"][:, 1:] != IGNORE_INDEX
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if head_selectable(model):
+        with head_at(model, head_positions(mask)):
+            logits = model(**inputs).logits
+    else:
+        logits = model(**inputs).logits[:, :-1][mask]
+    return logits, targets[mask], mask.nonzero()[:, 0]
+
+
 def loss_terms(
     student: torch.nn.Module,
     teacher: torch.nn.Module | None,
@@ -164,9 +243,12 @@ def loss_terms(
     cached = TOPK_IDS in batch
     if cached and teacher is not None:
         raise ValueError("give either a teacher model or a cached top-K in the batch, not both")
-    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits, targets, mask = shifted(out.logits, batch["labels"])
-    ce = ce_loss(logits, targets, mask)
+    # logits only at the N response tokens (`response_logits`): every term below is a mean
+    # over them, so the rest of the (B, L, V) logits would only cost time and memory
+    logits, targets, rows = response_logits(student, batch)
+    n = len(targets)
+    everywhere = torch.ones(n, dtype=torch.bool, device=logits.device)
+    ce = ce_loss(logits, targets, everywhere)
     kd_kwargs = dict(
         kind=loss.kind,
         temperature=tau,
@@ -174,36 +256,35 @@ def loss_terms(
         alpha=alpha,
         beta=loss.beta,
     )
-    t_logits = kd_per_token = None
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    cache = [batch[k][mask] for k in TOPK_CACHE] if cached else None
+    kd_per_token = None
     if kd_ratio == 0.0 or (teacher is None and not cached):
         kd = torch.zeros((), dtype=torch.float32, device=ce.device)
     elif cached:
-        cache, taus = [batch[k] for k in TOPK_CACHE], batch[TOPK_TAUS].tolist()
-        kd = topk_kd_loss(logits, *cache, taus, mask, **kd_kwargs, chunk_size=loss.chunk_size)
+        taus = batch[TOPK_TAUS].tolist()
+        kd = topk_kd_loss(logits, *cache, taus, everywhere, **kd_kwargs,
+                          chunk_size=loss.chunk_size)  # fmt: skip
     else:
         with torch.no_grad():
-            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        t_logits = t_out.logits[:, :-1]
+            t_logits, _, _ = response_logits(teacher, batch)
         # per_row: the per-token KD comes with the loss (no second pass, no row copies)
-        kd, kd_per_token = kd_loss(logits, t_logits, mask, **kd_kwargs,
+        kd, kd_per_token = kd_loss(logits, t_logits, everywhere, **kd_kwargs,
                                    chunk_size=loss.chunk_size, per_position_out=True)  # fmt: skip
-    n = int(mask.sum())
     terms = LossTerms(total=mixed_loss(ce, kd, kd_ratio), ce=ce, kd=kd, tokens=n, kd_tokens=n)
     if per_row:
-        kd_rows = None  # cached teacher: the KD inputs per masked token
-        if kd_ratio > 0.0 and cached:
-            kd_rows = (logits[mask], *(batch[k][mask] for k in TOPK_CACHE))
         terms.row_loss = _row_loss(
             logits,
-            kd_rows,
+            cache if kd_ratio > 0.0 else None,
             targets,
-            mask,
+            rows,
+            mask.shape[0],
             tau=tau,
             kd_ratio=kd_ratio,
             alpha=alpha,
             loss=loss,
             cache_taus=batch[TOPK_TAUS].tolist() if cached else None,
-            kd_per_token=kd_per_token if kd_ratio > 0.0 and t_logits is not None else None,
+            kd_per_token=kd_per_token if kd_ratio > 0.0 else None,
         )
         terms.row_tokens = mask.sum(dim=1)
     return terms
@@ -212,9 +293,10 @@ def loss_terms(
 @torch.no_grad()
 def _row_loss(
     logits: torch.Tensor,
-    kd_rows: tuple[torch.Tensor, ...] | None,
+    cache: list[torch.Tensor] | None,
     targets: torch.Tensor,
-    mask: torch.Tensor,
+    rows: torch.Tensor,
+    num_rows: int,
     *,
     tau: float,
     kd_ratio: float,
@@ -223,33 +305,30 @@ def _row_loss(
     cache_taus: list[float] | None = None,
     kd_per_token: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each row's summed per-token (1 − λ)·ce + λ·kd (τ² as configured). (B, L, V) -> (B,)
+    """Each row's summed per-token (1 − λ)·ce + λ·kd (τ² as configured). (N, V) -> (num_rows,)
 
-    The same per-token terms `ce_loss` and `kd_loss` / `topk_kd_loss` average, so the rows'
-    sums over the batch tokens give back the batch loss; no gradient, KD in chunks of
-    loss.chunk_size tokens. kd_rows: the KD inputs at the masked tokens for a cached teacher
-    whose grid is cache_taus, (student logits, top-K ids, log-probs, tail); None otherwise.
-    kd_per_token: the online KD per masked token (× τ² as configured), from `kd_loss`.
+    logits, targets, rows: the response tokens' logits, labels and batch rows
+    (`response_logits`). The same per-token terms `ce_loss` and `kd_loss` / `topk_kd_loss`
+    average, so the rows' sums give back the batch loss; no gradient, KD in chunks of
+    loss.chunk_size tokens. cache: the cached teacher's (top-K ids, log-probs, tail) at the
+    same tokens, whose grid is cache_taus; kd_per_token: the online KD per token (× τ² as
+    configured), from `kd_loss`.
     """
-    rows = mask.nonzero()[:, 0]
-    per_token = (1.0 - kd_ratio) * F.cross_entropy(
-        logits[mask].float(), targets[mask], reduction="none"
-    )
-    if kd_rows is not None:
+    per_token = (1.0 - kd_ratio) * F.cross_entropy(logits.float(), targets, reduction="none")
+    if cache is not None:
         knobs = dict(kind=loss.kind, temperature=tau, alpha=alpha, beta=loss.beta)
         chunk = loss.chunk_size or 4096
-        parts = []
-        for i in range(0, len(kd_rows[0]), chunk):
-            piece = [x[i : i + chunk] for x in kd_rows]
-            if cache_taus is None:
-                parts.append(per_token_kd(*piece, **knobs))
-            else:
-                parts.append(topk_per_token_kd(*piece, cache_taus, **knobs))
+        parts = [
+            topk_per_token_kd(
+                logits[i : i + chunk], *(c[i : i + chunk] for c in cache), cache_taus, **knobs
+            )  # fmt: skip
+            for i in range(0, len(logits), chunk)
+        ]
         kd = torch.cat(parts or [per_token.new_zeros(0)])
         per_token = per_token + kd_ratio * kd * (tau**2 if loss.scale_by_tau_sq else 1.0)
     if kd_per_token is not None:
         per_token = per_token + kd_ratio * kd_per_token
-    out = torch.zeros(mask.shape[0], dtype=torch.float32, device=per_token.device)
+    out = torch.zeros(num_rows, dtype=torch.float32, device=per_token.device)
     return out.index_add_(0, rows, per_token)
 
 

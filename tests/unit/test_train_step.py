@@ -24,7 +24,14 @@ from pocl_ray.config import (
 from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
 from pocl_ray.loop import batches, mean_ce, run_curriculum, sft
 from pocl_ray.models import build_tiny, freeze_teacher
-from pocl_ray.train_step import loss_terms, make_optimizer, shifted, train_step
+from pocl_ray.train_step import (
+    head_selectable,
+    loss_terms,
+    make_optimizer,
+    response_logits,
+    shifted,
+    train_step,
+)
 
 MAX_PROMPT, MAX_LEN = 96, 128
 BATCH = 16
@@ -114,7 +121,54 @@ def test_shifted_aligns_logits_at_t_with_label_at_t_plus_1():
     assert mask.dtype == torch.bool
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_response_logits_run_the_head_only_at_response_positions(env, arch):
+    model = tiny(env, arch).eval()
+    batch = collate(env.examples[:5], env.pad)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full, targets, mask = shifted(model(**inputs).logits, batch["labels"])
+        seen = []
+        model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out))
+        logits, got_targets, rows = response_logits(model, batch)
+    assert head_selectable(model)
+    n = int(mask.sum())
+    assert seen[-1].shape == (n, full.shape[-1])  # the head computed N rows, not B × L
+    assert torch.allclose(logits, full[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_targets, targets[mask])
+    assert torch.equal(rows, mask.nonzero()[:, 0])
+
+
+class PostProcessed(torch.nn.Module):
+    """A model whose logits are not per position after its head (each position's logits get
+    the batch's mean added): selecting positions before the head would change them."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        logits = self.inner(**kwargs).logits
+        return SimpleNamespace(logits=logits + logits.mean(dim=-2, keepdim=True))
+
+
+def test_response_logits_fall_back_to_the_full_forward_when_selection_is_not_exact(env):
+    model = PostProcessed(tiny(env, "llama")).eval()
+    batch = collate(env.examples[:3], env.pad)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full, targets, mask = shifted(model(**inputs).logits, batch["labels"])
+        logits, got_targets, _ = response_logits(model, batch)
+    assert not head_selectable(model)
+    assert torch.equal(logits, full[mask])
+    assert torch.equal(got_targets, targets[mask])
+
+
 def count_calls(module) -> list:
+    head_selectable(module)  # its one-time self-check runs the model; count real steps only
     calls = []
     module.register_forward_hook(lambda *_: calls.append(1))
     return calls
@@ -564,6 +618,7 @@ def test_autocast_step_runs_the_matmuls_in_bfloat16_and_keeps_float32_state(env,
     results, students = {}, {}
     for autocast in (None, "bfloat16"):
         student = tiny(env, "gpt2")
+        head_selectable(student)  # its one-time self-check runs the model (in float32)
         seen = []
         student.lm_head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
         optimizer = make_optimizer(student, OptimConfig(lr=1e-3))
