@@ -243,6 +243,21 @@ RESUME_FREE_OPTIM = ("gradient_checkpointing",)
 """Optim keys a resumed run may change: they change memory, not the steps' results."""
 
 
+def settings_changes(old: dict, new: dict) -> list[str]:
+    """What differs between the settings a checkpoint was written with and a run's (`changes`
+    lines); empty = it may resume. A key the checkpoint lacks (a config key added after it was
+    written) counts as its default, which is what that run used; keys of RESUME_FREE_OPTIM
+    are ignored on both sides."""
+    defaults = to_dict(Config())
+    filled = json.loads(json.dumps(old))  # a deep copy of plain JSON data
+    filled["optim"] = {k: v for k, v in filled.get("optim", {}).items()
+                       if k not in RESUME_FREE_OPTIM}  # fmt: skip
+    for section in ("curriculum", "loss", "optim"):
+        for key in new.get(section, {}):
+            filled.setdefault(section, {}).setdefault(key, defaults[section].get(key))
+    return changes(filled, new)
+
+
 def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -383,17 +398,17 @@ def latest_state(cfg: Config, job: dict) -> dict | None:
     """The state of the latest checkpoint of run `cfg.run.name` plus its `checkpoint` path
     (None: a fresh start; local mode keeps none); raise SetupError when it was written with
     other settings than `job`'s."""
-    settings, key = job["settings"], job["settings_key"]
+    settings = job["settings"]
     if cfg.scaling.num_workers == 0:
         return None
     latest = latest_checkpoint(RunDir(Path(cfg.run.output_dir)).storage(cfg) / cfg.run.name)
     if latest is None:
         return None
     state = read_state(latest)
-    if state["settings_key"] != key:
+    if differ := settings_changes(state["settings"], settings):
         raise SetupError(
             f"run {cfg.run.name!r} in {latest.parent} was started with other settings:\n"
-            + "\n".join(f"  - {c}" for c in changes(state["settings"], settings))
+            + "\n".join(f"  - {c}" for c in differ)
             + "\nrestore them to resume it, or start a new run with another run.name"
         )
     return {**state, "checkpoint": str(latest)}
@@ -451,10 +466,9 @@ def _restore(job: dict, student: torch.nn.Module, rank: int) -> Restored | None:
         return None
     with ckpt.as_directory() as d:
         state = read_state(Path(d))
-        if state["settings_key"] != job["settings_key"]:
+        if differ := settings_changes(state["settings"], job["settings"]):
             raise RuntimeError(
-                "the checkpoint was written with other settings: "
-                + "; ".join(changes(state["settings"], job["settings"]))
+                "the checkpoint was written with other settings: " + "; ".join(differ)
             )
         safetensors.torch.load_model(student, str(Path(d) / "student.safetensors"))
         optimizer = torch.load(Path(d) / "optimizer.pt", weights_only=True)

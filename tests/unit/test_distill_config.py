@@ -1,5 +1,8 @@
 """The config fields the distillation job adds, and their validation (test_config.py style)."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from pocl_ray.config import Config, ConfigError, from_dict, load_config, to_dict
@@ -75,3 +78,22 @@ def test_cache_needs_every_stage_temperature_on_the_cached_grid():
     grid = {"teacher_topk": 4, "cache_taus": [1.0, 2.0, 4.0]}
     assert from_dict(dict(wide, scoring=grid)).scoring.cache_taus == [1.0, 2.0, 4.0]
     from_dict(dict(listed, loss={"teacher_source": "online"}))  # online: no grid needed
+
+
+def test_resume_settings_count_a_key_the_checkpoint_lacks_as_its_default():
+    """A checkpoint written before a config key existed resumes when the run leaves the key at
+    its default (what the old run did), and not when it sets another value."""
+    from pocl_ray.ray_train import run_settings, settings_changes
+
+    cfg = Config()
+    new = run_settings(cfg, n=10, world_size=1, table_key={"t": 1})
+    old = json.loads(json.dumps(new))
+    del old["loss"]["chunk_size"], old["curriculum"]["shuffle"]  # keys "added later"
+    assert settings_changes(old, new) == []
+    changed = run_settings(replace(cfg, loss=replace(cfg.loss, chunk_size=16)), n=10,
+                           world_size=1, table_key={"t": 1})  # fmt: skip
+    assert settings_changes(old, changed) == ["loss.chunk_size: None -> 16"]
+    # a real change is still one; memory-only optim keys are not, on either side
+    old["optim"]["lr"] = 5.0
+    old["optim"]["gradient_checkpointing"] = True
+    assert settings_changes(old, new) == [f"optim.lr: 5.0 -> {cfg.optim.lr!r}"]
