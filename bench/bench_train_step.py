@@ -45,23 +45,14 @@ def batches(cfg, tok, run_dir: str | None, steps: int):
     if run_dir:
         import pyarrow.parquet as pq
 
-        from pocl_ray.data import example_from_row
-        from pocl_ray.ray_train import _column
-        from pocl_ray.scores import TOPK_CACHE
+        from pocl_ray.scores import arrow_rows
 
-        run = RunDir(Path(run_dir))
-        table = pq.read_table(run.scores / "table").slice(0, steps * BATCH)
-        cols = {c: _column(table.column(c)) for c in table.column_names}
-        rows = [{c: cols[c][i] for c in cols} for i in range(table.num_rows)]
-        taus = cfg.scoring.cache_taus
-        out = []
-        for i in range(0, len(rows), BATCH):
-            part = rows[i : i + BATCH]
-            batch = collate([example_from_row(r) for r in part], tok.pad_token_id)
-            cache = [tuple(r[c] for c in TOPK_CACHE) for r in part]
-            batch.update(train_step.topk_targets(batch["labels"], cache, taus))
-            out.append(batch)
-        return out
+        table = pq.read_table(RunDir(Path(run_dir)).scores / "table").slice(0, steps * BATCH)
+        rows, taus = arrow_rows(table), cfg.scoring.cache_taus
+        return [
+            train_step.table_batch(rows[i : i + BATCH], tok.pad_token_id, taus)
+            for i in range(0, len(rows), BATCH)
+        ]
     run = RunDir(ROOT / "runs" / "bench-train-step")
     inputs = artifacts.read_inputs(cfg, run)
     examples = artifacts.tokenize(cfg, tok, inputs.train[: steps * BATCH])
@@ -79,11 +70,6 @@ def step(student, opt, batch, *, kd_ratio: float, tau: float) -> tuple[float, fl
     res = train_step.train_step(student, None, opt, batch, pos=pos, base_lr=1e-4,
                                 loss=LossConfig(), grad_clip=1.0, autocast="bfloat16")  # fmt: skip
     return time.perf_counter() - t0, res.loss
-
-
-def force_full(model, on: bool) -> None:
-    """Make `response_logits` take its fallback (the full head) or the selection."""
-    train_step._SELECTABLE[train_step._unwrapped(model)] = not on
 
 
 def main() -> None:
@@ -107,7 +93,7 @@ def main() -> None:
         for way in times:
             students[way] = copy.deepcopy(base)
             students[way].train()
-            force_full(students[way], way == "full")
+            models.force_full_head(students[way], way == "full")
         opts = {w: train_step.make_optimizer(s, OptimConfig(lr=1e-4)) for w, s in students.items()}
         losses = {}
         for i, batch in enumerate(data):

@@ -7,7 +7,9 @@ are read with safetensors (`use_safetensors=True`), never by unpickling.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -242,3 +244,110 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the head at chosen positions
+
+
+_SELECTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def head_at(model: torch.nn.Module, positions: torch.Tensor | None):
+    """Within the block, the model's output head sees only hidden[positions] (a (B, L) bool),
+    so `model(...).logits` is (N, V) for the N selected positions in row-major order.
+
+    A forward pre-hook on the head, so the call still goes through the model's (and DDP's)
+    forward; positions None leaves the model alone. Real vocabularies make the head the
+    costliest layer of a small student (49k × 576 for SmolLM2), and responses are about a
+    quarter of a padded batch, so this skips ~3/4 of its work and of the logits' memory.
+    """
+    if positions is None:
+        yield
+        return
+    head = _unwrapped(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def head_selectable(model: torch.nn.Module, *, raw: bool = False) -> bool:
+    """Whether `head_at` gives exactly the full forward's logits at the selected positions
+    (anything a model does after its head must be per position); with raw, also whether those
+    logits are the head's output unchanged, as `head_inputs` callers need (a model that
+    soft-caps or scales its logits is selectable, not raw). Checked once per model on a 2 × 6
+    input: a self-check, not a list of families."""
+    inner = _unwrapped(model)
+    if inner not in _SELECTABLE:
+        _SELECTABLE[inner] = _check_head(inner)
+    selectable, is_raw = _SELECTABLE[inner]
+    return selectable and (is_raw or not raw)
+
+
+def force_full_head(model: torch.nn.Module, on: bool = True) -> None:
+    """Make `head_selectable` answer False for this model (on) or check it again (off):
+    benchmarks time the full-forward path against the selection on the same model."""
+    inner = _unwrapped(model)
+    if on:
+        _SELECTABLE[inner] = (False, False)
+    else:
+        _SELECTABLE.pop(inner, None)
+
+
+def _check_head(inner: torch.nn.Module) -> tuple[bool, bool]:
+    """(selectable, raw) of `head_selectable`, in eval mode and at the model's own dtype."""
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return False, False
+    device = next(inner.parameters()).device
+    ids = torch.arange(12, device=device).reshape(2, 6) % inner.config.vocab_size
+    attn = torch.ones_like(ids)
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[0, 2:5], positions[1, 0] = True, True
+    outputs: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _args, out: outputs.append(out))
+    was = inner.training
+    inner.eval()  # dropout off: the two forwards must be comparable
+    try:  # and no caller's autocast: it would round both forwards alike and hide differences
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            full = inner(input_ids=ids, attention_mask=attn).logits[positions]
+            with head_at(inner, positions):
+                part = inner(input_ids=ids, attention_mask=attn).logits
+    finally:
+        hook.remove()
+        inner.train(was)
+    tol = 1e-4 if full.dtype == torch.float32 else 1e-2  # bf16 kernels may round per shape
+    selectable = full.shape == part.shape and torch.allclose(full, part, rtol=tol, atol=tol)
+    raw = part.shape == outputs[-1].shape and torch.allclose(part, outputs[-1].to(part.dtype))
+    return selectable, selectable and raw
+
+
+def head_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) shifted response mask -> (B, L) positions whose logits the loss uses (the
+    logits at t predict the label at t + 1; the last position predicts nothing)."""
+    return torch.nn.functional.pad(mask, (0, 1), value=False)
+
+
+@contextlib.contextmanager
+def head_inputs(model: torch.nn.Module, positions: torch.Tensor):
+    """Within the block, the output head's inputs at `positions` (a (B, L) bool) are kept in
+    the yielded list, (N, d) in row-major order, and the head itself runs on no rows: for a
+    caller that applies the head itself (scoring: in float32, a chunk of positions at a time,
+    after a bfloat16 body). Exact where `head_selectable`."""
+    kept: list[torch.Tensor] = []
+
+    def keep(_m, args):
+        kept.append(args[0][positions])
+        return (kept[-1][:0], *args[1:])
+
+    handle = _unwrapped(model).get_output_embeddings().register_forward_pre_hook(keep)
+    try:
+        yield kept
+    finally:
+        handle.remove()

@@ -6,9 +6,9 @@ samples), the data-parallel loss scaling, backward, clip, AdamW step. The loop o
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pocl_ray import curriculum
 from pocl_ray.config import LossConfig, OptimConfig
-from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, prompt_batch
+from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, example_from_row, prompt_batch
 from pocl_ray.losses import (
     ce_loss,
     kd_loss,
@@ -24,6 +24,7 @@ from pocl_ray.losses import (
     topk_kd_loss,
     topk_per_token_kd,
 )
+from pocl_ray.models import head_at, head_positions, head_selectable
 from pocl_ray.scores import TOPK_CACHE, TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL
 
 TOPK_TAUS = "teacher_cache_taus"
@@ -142,66 +143,6 @@ def shifted(
     """
     targets = labels[:, 1:]
     return logits[:, :-1], targets, targets != -100
-
-
-_SELECTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-@contextlib.contextmanager
-def head_at(model: torch.nn.Module, positions: torch.Tensor | None):
-    """Within the block, the model's output head sees only hidden[positions] (a (B, L) bool),
-    so `model(...).logits` is (N, V) for the N selected positions in row-major order.
-
-    A forward pre-hook on the head, so the call still goes through the model's (and DDP's)
-    forward; positions None leaves the model alone. Real vocabularies make the head the
-    costliest layer of a small student (49k × 576 for SmolLM2), and responses are about a
-    quarter of a padded batch, so this skips ~3/4 of its work and of the logits' memory.
-    """
-    if positions is None:
-        yield
-        return
-    head = _unwrapped(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][positions], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def head_selectable(model: torch.nn.Module) -> bool:
-    """Whether `head_at` gives exactly the full forward's logits at the selected positions,
-    checked once per model on a 2 × 6 input (a self-check, not a list of families: anything a
-    model does after its head must be per position for the selection to be exact)."""
-    inner = _unwrapped(model)
-    if inner not in _SELECTABLE:
-        ok = isinstance(inner.get_output_embeddings(), torch.nn.Linear)
-        if ok:
-            device = next(inner.parameters()).device
-            ids = torch.arange(12, device=device).reshape(2, 6) % inner.config.vocab_size
-            attn = torch.ones_like(ids)
-            positions = torch.zeros_like(ids, dtype=torch.bool)
-            positions[0, 2:5], positions[1, 0] = True, True
-            was = inner.training
-            inner.eval()  # dropout off: the two forwards must be comparable
-            # and at full precision (a caller's autocast would round both to its dtype)
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                full = inner(input_ids=ids, attention_mask=attn).logits[positions]
-                with head_at(inner, positions):
-                    part = inner(input_ids=ids, attention_mask=attn).logits
-            inner.train(was)
-            ok = full.shape == part.shape and torch.allclose(full, part, rtol=1e-4, atol=1e-4)
-        _SELECTABLE[inner] = ok
-    return _SELECTABLE[inner]
-
-
-def head_positions(mask: torch.Tensor) -> torch.Tensor:
-    """(B, L-1) shifted response mask -> (B, L) positions whose logits the loss uses (the
-    logits at t predict the label at t + 1; the last position predicts nothing)."""
-    return F.pad(mask, (0, 1), value=False)
 
 
 def response_logits(
@@ -335,6 +276,30 @@ def _row_loss(
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Response tokens the loss of `batch` averages over (labels after the shift)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+EMPTY_EXAMPLE = TokenizedExample(
+    sample_id="", input_ids=[0, 0], labels=[IGNORE_INDEX] * 2, prompt_length=2,
+    prompt_truncated=False, response_truncated=False,
+)  # fmt: skip
+"""What a data-parallel rank with no rows this step trains on: all masked, so it still runs
+forward and backward with DDP, with zero tokens and zero loss."""
+
+
+def table_batch(
+    rows: Sequence[Mapping[str, Any]], pad_id: int, cache_taus: Sequence[float] | None
+) -> dict[str, torch.Tensor]:
+    """Scores-table rows as one collated batch; with cache_taus (scoring.cache_taus: the
+    teacher is the table's top-K cache) the cache placed by `topk_targets`. No rows: one
+    `EMPTY_EXAMPLE` with an empty cache."""
+    batch = collate([example_from_row(r) for r in rows] or [EMPTY_EXAMPLE], pad_id)
+    if cache_taus is not None:
+        empty = (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16))
+        cache = [tuple(r[c] for c in TOPK_CACHE) for r in rows] or [
+            (*empty, np.zeros((0, len(cache_taus)), np.float32))
+        ]
+        batch.update(topk_targets(batch["labels"], cache, cache_taus))
+    return batch
 
 
 def topk_targets(

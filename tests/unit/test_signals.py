@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from pocl_ray.config import ModelConfig
 from pocl_ray.data import collate, tokenize_record, tokenize_records
 from pocl_ray.evaluation import generate, rouge_l
-from pocl_ray.models import build_tiny, freeze_teacher
+from pocl_ray.models import build_tiny, freeze_teacher, head_selectable
 from pocl_ray.signals import (
     ResponseLogits,
-    head_is_separable,
     kd_gap,
     response_nll,
     score_batch,
@@ -202,14 +201,15 @@ def test_nll_signals_leave_out_the_appended_eos(env, student, teacher, which):
 
 def count_forwards(model, monkeypatch, rows: int) -> list[int]:
     """Count the runs of `model`'s decoder body on a batch of `rows` rows (a one-element
-    list, updated in place). The body is what costs; `ResponseLogits` runs it through
-    `base_model` (and once more on 2 rows for its separability self-check)."""
+    list, updated in place). The body is what costs; the model's forward calls it (and its
+    one-time head self-check runs it on 2 rows)."""
     calls = [0]
     body = model.base_model
     inner = body.forward
 
     def counted(*args, **kwargs):
-        calls[0] += kwargs["input_ids"].shape[0] == rows
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls[0] += ids is not None and ids.shape[0] == rows
         return inner(*args, **kwargs)
 
     monkeypatch.setattr(body, "forward", counted)
@@ -376,7 +376,7 @@ def test_response_logits_equal_the_full_forward(env, student, teacher, which):
     """The head applied at the response positions only gives the full forward's logits."""
     model = student if which == "student" else teacher
     batch, positions = response_positions(env)
-    assert head_is_separable(model, batch)  # GPT-2 and Llama: the cheap path is taken
+    assert head_selectable(model, raw=True)  # GPT-2 and Llama: the cheap path is taken
     got = ResponseLogits(model, batch, positions)
     with torch.no_grad():
         want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -392,12 +392,7 @@ class SoftCapped(torch.nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner = inner
-        self.base_model_prefix = "inner"
-
-    @property
-    def base_model(self):
-        return self.inner.base_model
+        self.inner, self.config = inner, inner.config
 
     def get_output_embeddings(self):
         return self.inner.get_output_embeddings()
@@ -411,7 +406,9 @@ class SoftCapped(torch.nn.Module):
 def test_a_model_that_post_processes_logits_takes_the_full_forward(env, student):
     model = SoftCapped(student).eval()
     batch, positions = response_positions(env)
-    assert not head_is_separable(model, batch)
+    # per position, so training may select positions before the head; scoring applies the
+    # head itself, so it must see the soft-capping and take the full forward
+    assert head_selectable(model) and not head_selectable(model, raw=True)
     got = ResponseLogits(model, batch, positions).chunk(slice(None))
     with torch.no_grad():
         want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -432,3 +429,21 @@ def test_a_bfloat16_body_gives_float32_logits_close_to_float32(env, teacher):
     b = score_batch(env.examples, env.references, scorer=teacher, teacher=teacher, **common)
     np.testing.assert_allclose(a["nll"], b.signals["nll"], rtol=0.02)
     assert max(abs(x) for x in a["kd_gap"]) == 0.0  # the same model: no gap at any precision
+
+
+@pytest.mark.parametrize("where", ["none", "teacher", "both", "student"])
+def test_kd_gap_per_position_handles_masked_vocabulary_entries(where):
+    """-inf logits (masked tokens) take the general rule; finite chunks the fast product."""
+    from pocl_ray.losses import per_token_kd
+    from pocl_ray.signals import _per_position_kl
+
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
+    if where in ("teacher", "both"):
+        t[:, 40:] = -torch.inf
+    if where in ("student", "both"):
+        s[:, 45:] = -torch.inf
+    got = _per_position_kl(s.log_softmax(-1), t.log_softmax(-1), s, t)
+    want = per_token_kd(s, t, kind="fkl", temperature=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got.isfinite().all()

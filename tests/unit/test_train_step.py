@@ -23,9 +23,8 @@ from pocl_ray.config import (
 )
 from pocl_ray.data import IGNORE_INDEX, collate, tokenize_records
 from pocl_ray.loop import batches, mean_ce, run_curriculum, sft
-from pocl_ray.models import build_tiny, freeze_teacher
+from pocl_ray.models import build_tiny, freeze_teacher, head_selectable
 from pocl_ray.train_step import (
-    head_selectable,
     loss_terms,
     make_optimizer,
     response_logits,
