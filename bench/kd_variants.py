@@ -27,12 +27,10 @@ import torch
 
 from pocl_ray import artifacts, loop, models
 from pocl_ray.config import load_config
-from pocl_ray.data import collate, example_from_row
 from pocl_ray.losses import ce_loss, kd_loss, topk_kd_loss
-from pocl_ray.ray_train import _column
 from pocl_ray.run_dir import RunDir
-from pocl_ray.scores import TOPK_CACHE
-from pocl_ray.train_step import shifted, topk_targets
+from pocl_ray.scores import TOPK_CACHE, arrow_rows
+from pocl_ray.train_step import shifted, table_batch
 
 BATCH, DEV = 8, 60
 
@@ -41,8 +39,7 @@ def table_rows(run: RunDir, n: int) -> list[dict]:
     table = pq.read_table(run.scores / "table")
     pick = sorted(np.random.default_rng(0).choice(table.num_rows, n, replace=False).tolist())
     table = table.take(pick)
-    cols = {c: _column(table.column(c)) for c in table.column_names}
-    rows = [{c: cols[c][i] for c in cols} for i in range(table.num_rows)]
+    rows = arrow_rows(table)
     random.Random(0).shuffle(rows)
     return rows
 
@@ -86,10 +83,7 @@ def main() -> None:
     student.train()
     for step in range(args.steps):
         part = rows[step * BATCH : (step + 1) * BATCH]
-        batch = collate([example_from_row(r) for r in part], tok.pad_token_id)
-        batch.update(
-            topk_targets(batch["labels"], [tuple(r[c] for c in TOPK_CACHE) for r in part], taus)
-        )
+        batch = table_batch(part, tok.pad_token_id, taus)
         loss = loss_of(variant, tau, student, teacher, batch, taus)
         opt.zero_grad()
         loss.backward()

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from pocl_ray import artifacts, curriculum, difficulty, models, scores
 from pocl_ray.config import Config, from_dict, to_dict
-from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, example_from_row
+from pocl_ray.data import TokenizedExample, example_from_row
 from pocl_ray.evaluation import greedy_rouge_l
 from pocl_ray.loop import (
     Hooks,
@@ -57,8 +57,8 @@ from pocl_ray.loop import (
     train_stage,
 )
 from pocl_ray.run_dir import Locations, RunDir, changes, read_manifest
-from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS
-from pocl_ray.train_step import DataParallel, make_optimizer, topk_targets, training_mode
+from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS, column_values
+from pocl_ray.train_step import DataParallel, make_optimizer, table_batch, training_mode
 
 STATE_FORMAT = 2
 CKPT_PREFIX = "ckpt_"
@@ -520,7 +520,7 @@ class StepRows:
 
     def _unpack(self, columns: list[str]) -> Iterator[dict]:
         for batch in self._batches:
-            cols = {c: _column(batch.column(c)) for c in [*columns, "step", "slot"]}
+            cols = {c: column_values(batch.column(c)) for c in [*columns, "step", "slot"]}
             for i in range(batch.num_rows):
                 yield {c: v[i] for c, v in cols.items()}
 
@@ -553,38 +553,10 @@ class StepRows:
         self._batches.close()
 
 
-def _column(col: pa.ChunkedArray) -> list:
-    """Python values of one column; the cache's lists of fixed-size lists become (R, K) (or
-    (R, J)) numpy arrays of the stored dtype."""
-    if pa.types.is_list(col.type) and pa.types.is_fixed_size_list(col.type.value_type):
-        k = col.type.value_type.list_size
-        return [
-            np.asarray(row.values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
-            for row in col.combine_chunks()
-        ]
-    return col.to_pylist()
-
-
-EMPTY_ROW = TokenizedExample(
-    sample_id="", input_ids=[0, 0], labels=[IGNORE_INDEX] * 2, prompt_length=2,
-    prompt_truncated=False, response_truncated=False,
-)  # fmt: skip
-"""What a rank with no rows this step trains on: all masked, so it still runs forward and
-backward with DDP, with zero tokens and zero loss."""
-
-
 def _step(rows: list[dict], pad_id: int, cache_taus: list[float] | None, device) -> Step:
     """A rank's rows of one step as a `loop.Step`; cache_taus: the cache's grid
     (scoring.cache_taus) when the teacher is the table's top-K cache, else None."""
-    examples = [example_from_row(r) for r in rows] or [EMPTY_ROW]
-    batch = collate(examples, pad_id)
-    if cache_taus is not None:
-        empty = (np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float16))
-        cache = [tuple(r[c] for c in TOPK_CACHE) for r in rows] or [
-            (*empty, np.zeros((0, len(cache_taus)), np.float32))
-        ]
-        batch.update(topk_targets(batch["labels"], cache, cache_taus))
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device) for k, v in table_batch(rows, pad_id, cache_taus).items()}
     return Step(batch=batch, buckets=[int(r["bucket"]) for r in rows])
 
 

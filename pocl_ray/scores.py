@@ -215,6 +215,25 @@ def to_arrow(
     return pa.table(cols)
 
 
+def column_values(col: pa.Array | pa.ChunkedArray) -> list:
+    """Python values of one column; the cache's lists of fixed-size lists (`to_arrow`) become
+    (R, K) (or (R, J)) numpy arrays of the stored dtype."""
+    if pa.types.is_list(col.type) and pa.types.is_fixed_size_list(col.type.value_type):
+        k = col.type.value_type.list_size
+        rows = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        return [
+            np.asarray(row.values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, k)
+            for row in rows
+        ]
+    return col.to_pylist()
+
+
+def arrow_rows(table: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+    """The table's rows as dicts of `column_values` (what `train_step.table_batch` takes)."""
+    cols = {c: column_values(table.column(c)) for c in table.column_names}
+    return [{c: v[i] for c, v in cols.items()} for i in range(table.num_rows)]
+
+
 # ---------------------------------------------------------------- reading it back
 
 
@@ -240,9 +259,7 @@ def training_table(cfg: Config, run: RunDir, *, cached: bool) -> pa.Table:
     return table.append_column("bucket", pa.array(buckets, pa.int64()))
 
 
-def table_problems(
-    cfg: Config, manifest: dict[str, Any], key_now: dict[str, Any]
-) -> list[str]:
+def table_problems(cfg: Config, manifest: dict[str, Any], key_now: dict[str, Any]) -> list[str]:
     """Why the scores table does not fit this run (empty = it fits).
 
     Compared: the format, every hashed config field that shapes the table except the stage

@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from pocl_ray.config import CurriculumConfig, LossConfig, ModelConfig, OptimConf
 from pocl_ray.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_records
 from pocl_ray.loop import mean_ce, sft
 from pocl_ray.models import build_tiny, freeze_teacher
-from pocl_ray.scores import TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL
+from pocl_ray.scores import TOPK_IDS, TOPK_LOGPROBS, TOPK_TAIL, arrow_rows, encode_cache, to_arrow
 from pocl_ray.signals import teacher_topk
 from pocl_ray.train_step import (
     TOPK_TAUS,
@@ -27,6 +28,7 @@ from pocl_ray.train_step import (
     on_policy_terms,
     rank_loss,
     shifted,
+    table_batch,
     topk_targets,
     train_step,
 )
@@ -123,6 +125,47 @@ def test_topk_targets_align_with_the_shifted_response_positions(env):
         topk_targets(batch["labels"], [tuple(x[:-1] for x in r) for r in rows], [1.0, 1.5, 2.0])
     with pytest.raises(ValueError, match="cache_taus"):
         topk_targets(batch["labels"], rows, [1.0, 2.0])
+
+
+def cache_rows(batch) -> list:
+    """A made-up top-2 cache for each row of a collated batch (ids, log-probs, tail)."""
+    _, targets, mask = shifted(torch.zeros(*batch["labels"].shape, 1), batch["labels"])
+    rows = []
+    for b in range(len(mask)):
+        r = int(mask[b].sum())
+        ids = np.stack([targets[b][mask[b]].numpy(), np.arange(r)], axis=1).astype(np.int32)
+        logprobs = np.linspace(-3, -1, 2 * r).reshape(r, 2).astype(np.float16)
+        rows.append((ids, logprobs, np.full((r, 2), -2.5, np.float32)))
+    return rows
+
+
+def test_table_rows_make_the_batch_a_step_trains_on(env):
+    """Scores-table rows (as stored: Arrow, the cache as fixed-size lists) read back with
+    `scores.arrow_rows` give `table_batch` the same batch as collate + topk_targets."""
+    examples = env.examples[:3]
+    batch = collate(examples, env.tok.pad_token_id)
+    cache, taus = cache_rows(batch), [1.0, 2.0]
+    frame = pd.DataFrame({
+        "sample_id": [e.sample_id for e in examples], "difficulty_rank": [0, 1, 2],
+        "stage": [0, 0, 1], "rrf": [0.1, 0.2, 0.3],
+        "response_tokens": [sum(x != IGNORE_INDEX for x in e.labels) for e in examples],
+        "prompt_length": [e.prompt_length for e in examples],
+        "input_ids": [list(e.input_ids) for e in examples],
+        "labels": [list(e.labels) for e in examples],
+        "references": [["r"] for _ in examples],
+        **encode_cache(cache),
+    })  # fmt: skip
+    rows = arrow_rows(to_arrow(frame, [], topk=2, cache_taus=taus))
+    got = table_batch(rows, env.tok.pad_token_id, taus)
+    want = dict(batch, **topk_targets(batch["labels"], cache, taus))
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    plain = table_batch(rows, env.tok.pad_token_id, None)
+    assert set(plain) == set(batch)
+    empty = table_batch([], env.tok.pad_token_id, taus)  # a rank with no rows this step
+    assert empty["input_ids"].shape[0] == 1 and (empty["labels"] == IGNORE_INDEX).all()
+    assert empty[TOPK_IDS].shape[0] == 1
 
 
 def test_cache_with_the_whole_vocabulary_is_the_online_kd(env):
