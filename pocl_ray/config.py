@@ -311,7 +311,7 @@ class LossConfig:
     """Mixture weight of jsd."""
     chunk_size: int | None = None
     """Rows per chunk of the memory-lean KD loss (loss and gradient chunk by chunk, nothing
-    N x V kept but the gradient); null = 64 rows from a 32k vocabulary, the plain path below."""
+    N x V kept but the gradient); null = 16 rows from a 32k vocabulary, the plain path below."""
     on_policy_ratio: float = 0.0
     """Probability per step that the student samples the batch's responses and KD is computed
     on them (pocl-method.md section 6); 0 = off."""

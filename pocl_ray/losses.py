@@ -139,8 +139,10 @@ def _check_masked_shapes(
 
 LEAN_VOCAB = 32768
 """From this vocabulary size on, `kd_loss` and `topk_kd_loss` run memory-lean by default."""
-LEAN_CHUNK_ROWS = 64
-"""Rows per chunk of the memory-lean path when loss.chunk_size is not set."""
+LEAN_CHUNK_ROWS = 16
+"""Rows per chunk of the memory-lean path when loss.chunk_size is not set: a (16, V) float32
+chunk (3 MiB at V = 50k) stays in a CPU's cache; measured against 32, 64 and 256 rows in
+bench/bench_loss.py (BENCHMARKS.md)."""
 
 
 class _LossAndGradByChunk(torch.autograd.Function):
