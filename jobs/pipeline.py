@@ -100,8 +100,9 @@ def main(cfg: Config) -> Path:
         specs = [f"teacher={where.teacher}", *(f"{n}={p}" for n, p in students.items())]
         evaluate.main(_with(cfg, "eval", models=specs), show_table=False)
     index = report.pipeline_report(cfg, run, names)
+    dev_line = dev_losses(cfg, run, students)  # before the table: its log lines stay above it
     print("\n" + evaluation.format_table(evaluation.read_results(run.root), cfg.eval))
-    print(dev_losses(cfg, run, students))
+    print(dev_line)
     if len(names) > 1:
         print(f"one training run per student: the gaps between {', '.join(names)} above are "
               "single runs, not a comparison (training-seed noise is not measured here)")
