@@ -69,7 +69,8 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
         # 3. Ray: answer on the actor pool
         with runtime.ray_session(cpus=ev.num_actors * ev.cpus_per_actor):
             runtime.preflight(
-                runtime.pool_request("eval", ev.num_actors, ev.cpus_per_actor, ev.gpus_per_actor),
+                runtime.pool_request("eval", ev.num_actors, ev.cpus_per_actor, ev.gpus_per_actor,
+                                     ev.accelerator_type, ev.resources),  # fmt: skip
                 runtime.cluster_resources(),
             )
             t0 = time.perf_counter()

@@ -18,8 +18,9 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("pocl_ray.ray")
 
@@ -145,31 +146,137 @@ class Request:
     """The config setting that asks for the GPU (e.g. "scoring.gpus_per_actor=1")."""
     cpu_free: str
     """How to ask for no GPU (e.g. "scoring.gpus_per_actor=0")."""
+    accelerator: str | None = None
+    """A GPU model (Ray's `accelerator_type:NAME` node resource), or None for any."""
+    custom: Mapping[str, float] = field(default_factory=dict)
+    """Custom resources per placed unit (`scoring.resources`, `scaling.resources_per_worker`)."""
+    units: int = 0
+    """Placed units (actors, workers) when not `count` (a trial places its workers)."""
+
+    def unit(self) -> dict[str, float]:
+        """One placed actor's or worker's resources, as Ray names them."""
+        per = self.count * 1.0 / max(self.units or self.count, 1)
+        need = {"CPU": self.cpus * per, "GPU": self.gpus * per, **self.custom}
+        if self.accelerator:
+            need[ACCELERATOR_PREFIX + self.accelerator] = ACCELERATOR_SLIVER
+        return {k: v for k, v in need.items() if v > 0}
 
 
-def preflight(req: Request, cluster: Mapping[str, float]) -> None:
-    """Raise ResourceError when `req` can never be placed on `cluster` (`ray.cluster_resources()`).
+ACCELERATOR_PREFIX = "accelerator_type:"
+ACCELERATOR_SLIVER = 0.001
+"""What Ray asks of a node's `accelerator_type:NAME` resource for one placed unit."""
 
-    Ray would queue such a request forever without an error (ray-notes.md), so every job
-    checks before any model is loaded or trained. On an autoscaling cluster this sees the
-    nodes that are up now (docs/jobs.md).
+
+def preflight(
+    req: Request,
+    cluster: Mapping[str, float],
+    node_types: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Raise ResourceError when `req` can never be placed (Ray would queue it forever without
+    an error, ray-notes.md); on an autoscaling cluster, say which node type the autoscaler is
+    expected to add instead. Checked before any model is loaded or trained.
+
+    cluster: `ray.cluster_resources()` (the nodes that are up now). node_types: the
+    autoscaler's worker types ({name: {"resources": ..., "max_workers": N}}); None reads them
+    from the cluster config (`autoscaler_node_types`).
     """
+    short = _shortfall(req, cluster)
+    if not short:
+        return
+    types = autoscaler_node_types() if node_types is None else node_types
+    if types:
+        fits = {n: t for n, t in types.items() if _units_per_node(req.unit(), t) > 0}
+        room = sum(_units_per_node(req.unit(), t) * int(t.get("max_workers", 0))
+                   for t in fits.values())  # fmt: skip
+        if fits and room >= (req.units or req.count):
+            names = ", ".join(f"{n} (max {t.get('max_workers', 0)})" for n, t in fits.items())
+            print(
+                f"{req.what}: {short[0]} now; the autoscaler is expected to add a node of "
+                f"type {names} (from the cluster config); the job waits for it",
+                flush=True,
+            )
+            return
+        offered = "; ".join(f"{n}: {describe(t.get('resources', {}))}" for n, t in types.items())
+        raise ResourceError(
+            f"{req.what} needs {req.units or req.count} x ({describe(req.unit())}); no node type "
+            f"of the cluster config can ever hold that ({offered}); add a worker type that "
+            f"offers it (docs/cluster.md) or lower {req.keys}"
+        )
+    raise ResourceError(short[1])
+
+
+def _shortfall(req: Request, cluster: Mapping[str, float]) -> tuple[str, str] | None:
+    """None when the cluster holds `req` now; else (what is short, the error without an
+    autoscaler)."""
     gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
     if req.gpus > 0 and gpus == 0:
-        raise ResourceError(
+        return "the cluster has no GPU", (
             f"{req.gpu_key} but this Ray cluster has no GPU (resources: {describe(cluster)}); "
             f"set {req.cpu_free} to run on CPUs, or connect to a cluster with GPUs "
             "(RAY_ADDRESS=... or `ray job submit`)"
         )
     for kind, each, have in (("GPU", req.gpus, gpus), ("CPU", req.cpus, cpus)):
         if each * req.count > have:
-            raise ResourceError(
+            return f"the cluster has {have:g} {kind}s", (
                 f"{req.what} needs {req.count} x {each:g} {kind} = {each * req.count:g} "
                 f"{kind}s; the cluster has {have:g}; lower {req.keys}"
             )
+    units = req.units or req.count
+    for key, each in req.unit().items():
+        if key in ("CPU", "GPU") or each * units <= cluster.get(key, 0.0) + 1e-9:
+            continue
+        have = sorted(
+            k[len(ACCELERATOR_PREFIX) :] for k in cluster if k.startswith(ACCELERATOR_PREFIX)
+        )
+        if key.startswith(ACCELERATOR_PREFIX):
+            return f"no {key[len(ACCELERATOR_PREFIX) :]} GPU is up", (
+                f"{req.what} asks for {key[len(ACCELERATOR_PREFIX) :]} GPUs; this cluster has "
+                f"{', '.join(have) or 'no GPU of a known type'}; change {req.what}'s "
+                "accelerator_type or connect to a cluster that has them"
+            )
+        return f"the cluster has {cluster.get(key, 0.0):g} of resource {key}", (
+            f"{req.what} needs {units} x {each:g} of the custom resource {key!r}; the cluster "
+            f"has {cluster.get(key, 0.0):g}; start nodes with it (ray start --resources) or "
+            f"lower {req.keys}"
+        )
+    return None
 
 
-def pool_request(section: str, num_actors: int, cpus: float, gpus: float) -> Request:
+def _units_per_node(unit: Mapping[str, float], node_type: Mapping[str, Any]) -> int:
+    """How many placed units one node of `node_type` holds (0 = none)."""
+    offers = node_type.get("resources") or {}
+    fits = [math.floor(offers.get(k, 0.0) / v + 1e-9) for k, v in unit.items() if v > 0]
+    return min(fits) if fits else 1 << 16
+
+
+def autoscaler_node_types() -> dict[str, dict[str, Any]]:
+    """The autoscaler's worker types, from the cluster-launcher config the head keeps
+    (~/ray_bootstrap_config.yaml) or the file in POCL_RAY_CLUSTER_CONFIG; {} when neither
+    exists (a fixed cluster, or KubeRay: set POCL_RAY_CLUSTER_CONFIG to describe it)."""
+    import yaml
+
+    path = os.environ.get("POCL_RAY_CLUSTER_CONFIG") or str(
+        Path.home() / "ray_bootstrap_config.yaml"
+    )
+    if not Path(path).is_file():
+        return {}
+    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    head = cfg.get("head_node_type")
+    return {
+        name: {"resources": dict(t.get("resources") or {}), "max_workers": t.get("max_workers", 0)}
+        for name, t in (cfg.get("available_node_types") or {}).items()
+        if name != head and t.get("max_workers", 0)
+    }
+
+
+def pool_request(
+    section: str,
+    num_actors: int,
+    cpus: float,
+    gpus: float,
+    accelerator: str | None = None,
+    custom: Mapping[str, float] | None = None,
+) -> Request:
     """A Ray Data actor pool of config section `section` (scoring, eval)."""
     return Request(
         what=section,
@@ -179,6 +286,8 @@ def pool_request(section: str, num_actors: int, cpus: float, gpus: float) -> Req
         keys=f"{section}.num_actors or {section}.cpus_per_actor / gpus_per_actor",
         gpu_key=f"{section}.gpus_per_actor={gpus:g}",
         cpu_free=f"{section}.gpus_per_actor=0",
+        accelerator=accelerator,
+        custom=dict(custom or {}),
     )
 
 
@@ -187,6 +296,7 @@ def worker_request(scaling) -> Request:
     and only its GPU counts."""
     per_gpu = scaling.resources_per_worker.get("GPU", 1.0 if scaling.use_gpu else 0.0)
     per_cpu = scaling.resources_per_worker.get("CPU", 1.0) if scaling.num_workers else 0.0
+    custom = {k: v for k, v in scaling.resources_per_worker.items() if k not in ("CPU", "GPU")}
     return Request(
         what="training",
         count=max(scaling.num_workers, 1),
@@ -195,6 +305,8 @@ def worker_request(scaling) -> Request:
         keys="scaling.num_workers or scaling.resources_per_worker (e.g. {CPU: 0.5})",
         gpu_key="scaling.use_gpu=true",
         cpu_free="scaling.use_gpu=false",
+        accelerator=getattr(scaling, "accelerator_type", None),
+        custom=custom,
     )
 
 
@@ -211,6 +323,9 @@ def trial_request(scaling) -> Request:
         keys=workers.keys,
         gpu_key=workers.gpu_key,
         cpu_free=workers.cpu_free,
+        accelerator=workers.accelerator,
+        custom=dict(workers.custom),
+        units=workers.count,
     )
 
 
@@ -227,6 +342,8 @@ def describe(resources: Mapping[str, float]) -> str:
     parts = [f"{k}={resources[k]:g}" for k in ("CPU", "GPU") if k in resources]
     if "memory" in resources:
         parts.append(f"memory={resources['memory'] / 2**30:.1f} GiB")
+    parts += [f"{k}={v:g}" for k, v in sorted(resources.items())
+              if not k.startswith(("CPU", "GPU", "memory", "object_store", "node:"))]  # fmt: skip
     return ", ".join(parts) or "none"
 
 

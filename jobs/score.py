@@ -44,7 +44,8 @@ def main(cfg: Config, *, force: bool = False, fault: dict[str, Any] | None = Non
     sig = cfg.scoring
     with runtime.ray_session(cpus=sig.num_actors * sig.cpus_per_actor):
         pool = runtime.pool_request("scoring", sig.num_actors, sig.cpus_per_actor,
-                                    sig.gpus_per_actor)  # fmt: skip
+                                    sig.gpus_per_actor, sig.accelerator_type,
+                                    sig.resources)  # fmt: skip
         runtime.preflight(pool, runtime.cluster_resources())
         return _run(cfg, force=force, fault=fault)
 

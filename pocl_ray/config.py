@@ -190,6 +190,12 @@ class ScoringConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    accelerator_type: str | None = None
+    """GPU model each actor needs (e.g. A10G, A100, H100: Ray's `accelerator_type:NAME` node
+    resource); null = any. Needs gpus_per_actor > 0 (docs/cluster.md)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor needs (e.g. {scorer_node: 1}); CPU and GPU have their
+    own keys."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Precision of the models' bodies while scoring (null = each model's own `dtype`). The
     signals and the top-K cache are always computed from float32 logits; bfloat16 makes the
@@ -218,6 +224,8 @@ class ScoringConfig:
         )  # fmt: skip
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             out.append("scoring.cpus_per_actor / gpus_per_actor: must be >= 0")
+        out += placement_problems("scoring", self.accelerator_type, self.gpus_per_actor > 0,
+                                  "gpus_per_actor > 0", self.resources)  # fmt: skip
         taus = self.cache_taus
         if not taus or any(t <= 0 for t in taus) or any(a >= b for a, b in zip(taus, taus[1:])):
             out.append(
@@ -370,6 +378,8 @@ class ScalingConfig:
     """Ray Train workers (0 = Train local mode in the driver)."""
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None
+    """GPU model each worker needs (e.g. A10G, A100); null = any. Needs use_gpu."""
 
     def problems(self) -> list[str]:
         out = []
@@ -378,7 +388,32 @@ class ScalingConfig:
         for k, v in self.resources_per_worker.items():
             if v < 0:
                 out.append(f"scaling.resources_per_worker.{k}: got {v}; must be >= 0")
+        out += placement_problems("scaling", self.accelerator_type, self.use_gpu,
+                                  "use_gpu: true", {})  # fmt: skip
         return out
+
+
+_ACCELERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def placement_problems(
+    section: str, accelerator: str | None, has_gpu: bool, gpu_fix: str, custom: dict
+) -> list[str]:
+    """An accelerator type without GPUs, a malformed one, and custom resources that are
+    negative or named CPU / GPU (those have their own keys)."""
+    out = []
+    if accelerator is not None and not _ACCELERATOR.fullmatch(accelerator):
+        out.append(f"{section}.accelerator_type: got {accelerator!r}; use a GPU model name "
+                   "such as A10G, A100 or H100")  # fmt: skip
+    elif accelerator is not None and not has_gpu:
+        out.append(f"{section}.accelerator_type: {accelerator} asks for a GPU model but no GPU "
+                   f"is requested; set {section}.{gpu_fix} or remove accelerator_type")  # fmt: skip
+    for k, v in custom.items():
+        if k in ("CPU", "GPU"):
+            out.append(f"{section}.resources.{k}: use {section}.cpus_per_actor / gpus_per_actor")
+        elif v < 0:
+            out.append(f"{section}.resources.{k}: got {v}; must be >= 0")
+    return out
 
 
 HELDOUT = "heldout"
@@ -454,6 +489,10 @@ class EvalConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    accelerator_type: str | None = None
+    """GPU model each actor needs (e.g. A10G); null = any. Needs gpus_per_actor > 0."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor needs; CPU and GPU have their own keys."""
 
     def problems(self) -> list[str]:
         out = []
@@ -482,6 +521,8 @@ class EvalConfig:
                 out.append(f"eval.{name}: got {getattr(self, name)}; must be >= 1")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             out.append("eval.cpus_per_actor / gpus_per_actor: must be >= 0")
+        out += placement_problems("eval", self.accelerator_type, self.gpus_per_actor > 0,
+                                  "gpus_per_actor > 0", self.resources)  # fmt: skip
         return out
 
 

@@ -41,7 +41,9 @@ log = logging.getLogger("pocl_ray.evaluate")
 FORMAT_VERSION = 1
 RESULTS_FILE = "results.csv"
 GENERATIONS_FILE = "generations.jsonl"
-EXECUTION_KEYS = ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor")
+EXECUTION_KEYS = (
+    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "resources",
+)  # fmt: skip
 """Eval settings that change where and how fast answers are made, not the answers (beyond
 float round-off of padding): left out of the config hash."""
 METRICS = ("rougeL", "exact_match")

@@ -59,10 +59,17 @@ def actor_pool(
     num_actors: int,
     cpus: float,
     gpus: float,
+    accelerator_type: str | None = None,
+    resources: dict[str, float] | None = None,
 ) -> ray.data.Dataset:
     """`ds` mapped through a fixed pool of `num_actors` stateful `actor`s, each with `cpus` /
-    `gpus` and torch on floor(cpus) threads (lazy: nothing runs until consumed)."""
+    `gpus` (of `accelerator_type`, and custom `resources`) and torch on floor(cpus) threads
+    (lazy: nothing runs until consumed)."""
     gpu = {"num_gpus": gpus} if gpus > 0 else {}
+    if accelerator_type:
+        gpu["accelerator_type"] = accelerator_type
+    if resources:
+        gpu["resources"] = dict(resources)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries and flags every
         # other remote arg as deprecated. Without them Ray Data restarts dead actors and
@@ -227,6 +234,8 @@ def score_rows(
         num_actors=sig.num_actors,
         cpus=sig.cpus_per_actor,
         gpus=sig.gpus_per_actor,
+        accelerator_type=sig.accelerator_type,
+        resources=sig.resources,
     )
     return collect(pool)
 
@@ -362,6 +371,8 @@ def generate_rows(
         num_actors=ev.num_actors,
         cpus=ev.cpus_per_actor,
         gpus=ev.gpus_per_actor,
+        accelerator_type=ev.accelerator_type,
+        resources=ev.resources,
     )
     return collect(pool)
 

@@ -109,6 +109,7 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources or None,
+            accelerator_type=cfg.scaling.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -26,7 +26,9 @@ from pocl_ray.run_dir import RunDir, differences, hash_json, model_id, now_utc, 
 FORMAT_VERSION = 2
 TABLE_DIR = "table"
 TABLE_FILE = "part-00000.parquet"
-EXECUTION_KEYS = ("batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor")
+EXECUTION_KEYS = (
+    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "resources",
+)  # fmt: skip
 """Scoring settings that change where and how fast scores are computed, not their values
 (beyond float round-off): they are left out of the config hash."""
 TEACHER_SIGNALS = ("teacher_nll", "kd_gap")

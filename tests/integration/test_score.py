@@ -209,6 +209,21 @@ def test_gpu_request_without_gpu_fails_fast(ray_local, tmp_path, capsys):
     assert not out.exists()  # refused before any work (no data, no teacher training)
 
 
+@pytest.mark.timeout(180)
+def test_actors_go_where_their_custom_resource_is(ray_local, tmp_path, capsys):
+    """scoring.resources reaches the actor pool: two actors holding 1 pocl_test_node each
+    (the test Ray has 2) score the table; asking for 2 each is refused before any work."""
+    out = tmp_path / "run"
+    score.main(tiny_cfg(out, "data.limit=40", "scoring.signals=[nll]", "scoring.num_actors=2",
+                        "scoring.resources={pocl_test_node: 1}"))  # fmt: skip
+    assert len(tiny.read_scores(out)) == tiny.read_manifest(out)["counts"]["scored"] > 0
+    refused = tmp_path / "refused"
+    rc = cli.main(["score", str(DEMO), *TINY, f"run.output_dir={refused}", "scoring.num_actors=2",
+                   "scoring.resources={pocl_test_node: 2}"])  # fmt: skip
+    assert rc == 2 and "2 x 2 of the custom resource 'pocl_test_node'" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_resource_check_counts_the_whole_pool():
     pool = runtime.pool_request("scoring", 3, 2.0, 0.0)
     with pytest.raises(runtime.ResourceError, match="6 CPUs; the cluster has 4"):
