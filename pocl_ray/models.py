@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from transformers import (
 )
 
 from pocl_ray.config import ModelConfig
+
+log = logging.getLogger("pocl_ray.models")
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -59,9 +62,20 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     )
 
 
+def warn_remote_code(path: str | Path) -> None:
+    """trust_remote_code runs Python shipped with the model: say so each time it is on."""
+    log.warning(
+        "trust_remote_code is true for %s: the model's own Python code will run in this "
+        "process; use it only for a source you trust",
+        path,
+    )
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     """A tokenizer from a folder (a pretrained model's, or the one `train_tokenizer` saved)
     or a hub name. Without a pad token it pads with EOS (GPT-2 style; masks keep it harmless)."""
+    if trust_remote_code:
+        warn_remote_code(path)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {path!s} has no eos_token; set one in its config")
@@ -133,6 +147,8 @@ def load_pretrained(path: str | Path, cfg: ModelConfig) -> PreTrainedModel:
     With `cfg.dropout` set, every dropout field of its config is overridden.
     """
     kwargs = {}
+    if cfg.trust_remote_code:
+        warn_remote_code(path)
     if cfg.dropout is not None:
         hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         for key in DROPOUT_KEYS:

@@ -11,10 +11,11 @@ name and output folder, so a restored trial resumes its own Train checkpoints.
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 import math
 import os
-import pickle
 import signal
 import tempfile
 import threading
@@ -136,13 +137,22 @@ class ReferenceFirst(Searcher):
         the reference (a restored search must not hand it out again)."""
         self.searcher.save(checkpoint_path)
         inner = Path(checkpoint_path).read_bytes()
-        state = {"inner": inner, "reference_id": self.reference_id}
-        Path(checkpoint_path).write_bytes(pickle.dumps(state))
+        # JSON, not pickle: our own state never executes code when read back (the inner
+        # searcher's bytes are Ray's own format, restored by Ray's searcher)
+        state = {"inner": base64.b64encode(inner).decode(), "reference_id": self.reference_id}
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        state = pickle.loads(Path(checkpoint_path).read_bytes())
+        try:
+            state = json.loads(Path(checkpoint_path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RuntimeError(
+                f"{checkpoint_path}: searcher state in the older pickle format, which this "
+                "version does not unpickle (it could run code); start the search again "
+                "without --resume"
+            ) from e
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "inner.pkl").write_bytes(state["inner"])
+            (Path(d) / "inner.pkl").write_bytes(base64.b64decode(state["inner"]))
             self.searcher.restore(str(Path(d) / "inner.pkl"))
         self.reference_id = state["reference_id"]
 

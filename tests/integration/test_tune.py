@@ -347,6 +347,20 @@ def test_the_kd_reference_comes_first_and_never_teaches_the_searcher(tmp_path):
     assert again.searcher.told == [("t1", None, True)]
 
 
+def test_searcher_state_is_json_and_an_old_pickle_is_refused(tmp_path):
+    """Our searcher state never unpickles: JSON on disk; a pickle from an older version is
+    refused with what to do, not loaded."""
+    import json
+    import pickle
+
+    alg = ray_tune.ReferenceFirst(Counting(), {"params": {}, "kd_reference": True})
+    alg.save(str(tmp_path / "state.pkl"))
+    assert json.loads((tmp_path / "state.pkl").read_text())["reference_id"] is None
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps({"inner": b"", "reference_id": None}))
+    with pytest.raises(RuntimeError, match="older pickle format.*without --resume"):
+        alg.restore(str(tmp_path / "old.pkl"))
+
+
 def test_optuna_gets_the_space_and_the_reference_comes_first():
     """searcher: optuna builds Ray's OptunaSearch over the same domains; the KD reference is
     handed out first, then TPE's points inside the space."""

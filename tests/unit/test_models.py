@@ -212,6 +212,34 @@ def test_trust_remote_code_defaults_to_false(tok, tmp_path):
     assert not Path(marker).exists()
 
 
+def test_trust_remote_code_when_asked_runs_the_code_with_a_warning(tok, tmp_path, caplog):
+    out = save_model(tiny(tok, "gpt2"), tok, tmp_path / "plain")
+    with caplog.at_level("WARNING", logger="pocl_ray.models"):
+        load_pretrained(out, ModelConfig(trust_remote_code=True))
+    assert "trust_remote_code is true for" in caplog.text and str(out) in caplog.text
+
+
+def test_no_unpickling_anywhere_in_the_code():
+    """Weights load with safetensors; every torch.load says weights_only=True; nothing of ours
+    unpickles (Tune's searcher state is JSON)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for path in [*root.glob("pocl_ray/*.py"), *root.glob("jobs/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True"
+                       for k in node.keywords)  # fmt: skip
+            if name == "torch.load" and not safe:
+                found.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+            if name in ("pickle.load", "pickle.loads", "dill.load", "cloudpickle.loads"):
+                found.append(f"{path.name}:{node.lineno} {name}")
+    assert found == []
+
+
 # ---------------------------------------------------------------- dropout, EOS ids
 
 
