@@ -1,0 +1,209 @@
+"""Two Ray nodes on this machine, in network namespaces the test creates and removes
+(ray-notes.md): a head in namespace A (10.250.0.1) and a worker in B (10.250.0.2), joined by
+a veth pair; token authentication on with a private token; Ray's traffic stays on that pair
+and on each namespace's loopback, never on the machine's interface. The distill job runs with
+two Ray Train workers that can only fit one per node, and trains exactly as two workers on
+one node do.
+
+Needs root and `ip` (skipped with the reason otherwise). Every process started here runs in
+one of the two namespaces and is stopped by PID (`ip netns pids`), never `ray stop`.
+Finding: gloo picks the address its hostname resolves to (127.0.0.1 inside a namespace), so
+each node is started with GLOO_SOCKET_IFNAME (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import distill
+from tests import tiny
+from tests.tiny import TINY
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+NODES = {"A": ("10.250.0.1", "pva"), "B": ("10.250.0.2", "pvb")}
+PREFIX = f"pocl{os.getpid() % 10000}"  # namespace names of this test run only
+
+
+def ns(name: str) -> str:
+    return f"{PREFIX}{name}"
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
+
+
+def can_make_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs the `ip` tool (iproute2)"
+    return None
+
+
+def make_namespaces() -> None:
+    run("ip", "netns", "add", ns("A"))
+    run("ip", "netns", "add", ns("B"))
+    run("ip", "link", "add", f"{PREFIX}va", "type", "veth", "peer", "name", f"{PREFIX}vb")
+    for node, dev in (("A", f"{PREFIX}va"), ("B", f"{PREFIX}vb")):
+        run("ip", "link", "set", dev, "netns", ns(node))
+        run("ip", "-n", ns(node), "addr", "add", f"{NODES[node][0]}/24", "dev", dev)
+        run("ip", "-n", ns(node), "link", "set", dev, "up")
+        run("ip", "-n", ns(node), "link", "set", "lo", "up")
+
+
+def remove_namespaces() -> None:
+    for node in ("A", "B"):
+        pids = subprocess.run(["ip", "netns", "pids", ns(node)], capture_output=True,
+                              text=True).stdout.split()  # fmt: skip
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(1)
+    for node in ("A", "B"):
+        subprocess.run(["ip", "netns", "del", ns(node)], capture_output=True)
+
+
+def node_env(tmp: Path, device: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") or k == "RAY_USAGE_STATS_ENABLED"}  # fmt: skip
+    env.update(HOME=str(tmp / "home"), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(tmp / "token"), RAY_USAGE_STATS_ENABLED="0",
+               GLOO_SOCKET_IFNAME=device)  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # this venv's `ray`
+    return env
+
+
+def short_dir(tmp: Path) -> Path:
+    """Ray's temp dir must be short (its socket paths have a 107-byte limit): /tmp/pocl-XXXX,
+    recorded in tmp/ray_tmp so the fixture removes it."""
+    mark = tmp / "ray_tmp"
+    if not mark.exists():
+        mark.write_text(tempfile.mkdtemp(prefix="pocl-", dir="/tmp"))
+    return Path(mark.read_text())
+
+
+def wait_for_head(tmp: Path, timeout_s: float = 90) -> None:
+    log = tmp / "nodeA.log"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "Ray runtime started" in text:
+            return
+        if "Error" in text and "Traceback" in text:
+            raise AssertionError(f"the head did not start:\n{text[-3000:]}")
+        time.sleep(1)
+    raise AssertionError(f"the head did not start in {timeout_s} s: {log}")
+
+
+def start_node(tmp: Path, node: str) -> subprocess.Popen:
+    ip, _ = NODES[node]
+    device = f"{PREFIX}v{node.lower()}"
+    # one worker_slot per node: a worker asking for one can only go one per node
+    common = ["--node-ip-address", ip, "--num-cpus=2", '--resources={"worker_slot": 1}',
+              f"--temp-dir={short_dir(tmp) / node}", "--disable-usage-stats",
+              "--block"]  # fmt: skip
+    if node == "A":
+        args = ["ray", "start", "--head", "--port=6379", "--dashboard-host", ip, *common]
+    else:
+        args = ["ray", "start", f"--address={NODES['A'][0]}:6379", *common]
+    log = (tmp / f"node{node}.log").open("w")
+    return subprocess.Popen(["ip", "netns", "exec", ns(node), *args], env=node_env(tmp, device),
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+DRIVER_CHECK = r"""
+import json, time, ray
+ray.init(address="10.250.0.1:6379", log_to_driver=False)
+deadline = time.time() + 90
+while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+    time.sleep(1)
+print(json.dumps(sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])))
+"""
+
+WORKER_NODES = r"""
+import json, ray
+from ray.util.state import list_actors
+ray.init(address="10.250.0.1:6379", log_to_driver=False)
+ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+print(json.dumps(sorted({ips.get(a.node_id, "?") for a in actors})))
+"""
+
+
+def driver(tmp: Path, *args: str, timeout_s: int) -> subprocess.CompletedProcess:
+    """A process in namespace A, joined to the cluster (as `ray job submit` would place the
+    job's driver on the head)."""
+    env = node_env(tmp, f"{PREFIX}va") | {"RAY_ADDRESS": f"{NODES['A'][0]}:6379",
+                                           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    return subprocess.run(["ip", "netns", "exec", ns("A"), sys.executable, *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    if why := can_make_namespaces():
+        pytest.skip(why)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "token").write_text(secrets.token_hex(32))
+    (tmp_path / "token").chmod(0o600)
+    make_namespaces()
+    try:
+        start_node(tmp_path, "A")
+        wait_for_head(tmp_path)
+        start_node(tmp_path, "B")
+        out = driver(tmp_path, "-c", DRIVER_CHECK, timeout_s=150)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.splitlines()[-1]) == ["10.250.0.1", "10.250.0.2"]
+        yield tmp_path
+    finally:
+        remove_namespaces()
+        if (tmp_path / "ray_tmp").exists():
+            shutil.rmtree((tmp_path / "ray_tmp").read_text(), ignore_errors=True)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(600)
+def test_distill_with_one_worker_per_node_trains_as_on_one_node(two_nodes, ray_local, tmp_path):
+    """Two workers that each need the one `worker_slot` of a node: one per node, DDP over the
+    veth pair. Step for step, the losses equal a 2-worker run on the single local node (same
+    table, same starting student, same seed, 1 CPU and 1 torch thread per worker)."""
+    run_dir = two_nodes / "run"
+    common = [*TINY, "scaling.num_workers=2", "student.dropout=0.0", f"run.output_dir={run_dir}"]
+    out = driver(two_nodes, "-m", "jobs", "score", "configs/demo.yaml", *common, timeout_s=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    local = tmp_path / "local"
+    shutil.copytree(run_dir, local)  # the same scores table and starting student
+    out = driver(two_nodes, "-m", "jobs", "distill", "configs/demo.yaml", *common,
+                 "scaling.resources_per_worker={CPU: 1, worker_slot: 1}",
+                 f"run.storage_path={two_nodes / 'storage'}", timeout_s=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    where = driver(two_nodes, "-c", WORKER_NODES, timeout_s=120)
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert json.loads(where.stdout.splitlines()[-1]) == ["10.250.0.1", "10.250.0.2"]
+
+    cfg = tiny.tiny_cfg(local, "scaling.num_workers=2", "student.dropout=0.0",
+                        "scaling.resources_per_worker={CPU: 1}",
+                        f"run.storage_path={tmp_path / 'storage_local'}")  # fmt: skip
+    distill.main(cfg)
+    two, one = metrics(run_dir), metrics(local)
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(two) > 0
+    for key in ("loss", "ce", "kd"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
