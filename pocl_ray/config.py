@@ -393,6 +393,13 @@ class ScalingConfig:
         return out
 
 
+POOL_EXECUTION_KEYS = (
+    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "resources",
+)  # fmt: skip
+"""Keys of an actor-pool section (scoring, eval) that change where and how fast its work runs,
+not its results (beyond float round-off of padding): left out of the config hashes."""
+
+
 _ACCELERATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

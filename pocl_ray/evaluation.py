@@ -24,7 +24,14 @@ import torch
 from rouge_score import rouge_scorer
 from transformers import AutoConfig, LogitsProcessor, LogitsProcessorList
 
-from pocl_ray.config import HELDOUT, Config, EvalConfig, named_entry, to_dict
+from pocl_ray.config import (
+    HELDOUT,
+    POOL_EXECUTION_KEYS,
+    Config,
+    EvalConfig,
+    named_entry,
+    to_dict,
+)
 from pocl_ray.data import (
     LoadResult,
     Record,
@@ -41,11 +48,8 @@ log = logging.getLogger("pocl_ray.evaluate")
 FORMAT_VERSION = 1
 RESULTS_FILE = "results.csv"
 GENERATIONS_FILE = "generations.jsonl"
-EXECUTION_KEYS = (
-    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "resources",
-)  # fmt: skip
-"""Eval settings that change where and how fast answers are made, not the answers (beyond
-float round-off of padding): left out of the config hash."""
+EXECUTION_KEYS = POOL_EXECUTION_KEYS
+"""Eval settings left out of the config hash (`config.POOL_EXECUTION_KEYS`)."""
 METRICS = ("rougeL", "exact_match")
 RESULT_COLUMNS = ["model", "set", "stat", "seed", "n_examples", "n_seeds", "rougeL", "exact_match"]
 

@@ -19,18 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pocl_ray import curriculum, difficulty
-from pocl_ray.config import Config, ScoringConfig, to_dict
+from pocl_ray.config import POOL_EXECUTION_KEYS, Config, ScoringConfig, to_dict
 from pocl_ray.data import IGNORE_INDEX, Record, TokenizedExample
 from pocl_ray.run_dir import RunDir, differences, hash_json, model_id, now_utc, versions
 
 FORMAT_VERSION = 2
 TABLE_DIR = "table"
 TABLE_FILE = "part-00000.parquet"
-EXECUTION_KEYS = (
-    "batch_size", "num_actors", "cpus_per_actor", "gpus_per_actor", "accelerator_type", "resources",
-)  # fmt: skip
-"""Scoring settings that change where and how fast scores are computed, not their values
-(beyond float round-off): they are left out of the config hash."""
+EXECUTION_KEYS = POOL_EXECUTION_KEYS
+"""Scoring settings left out of the config hash (`config.POOL_EXECUTION_KEYS`)."""
 TEACHER_SIGNALS = ("teacher_nll", "kd_gap")
 
 TOPK_IDS = "teacher_topk_ids"

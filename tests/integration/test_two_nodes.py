@@ -65,13 +65,16 @@ def make_namespaces() -> None:
         run("ip", "-n", ns(node), "link", "set", "lo", "up")
 
 
+def node_pids(node: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns(node)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
 def remove_namespaces() -> None:
     for node in ("A", "B"):
-        pids = subprocess.run(["ip", "netns", "pids", ns(node)], capture_output=True,
-                              text=True).stdout.split()  # fmt: skip
-        for pid in pids:
+        for pid in node_pids(node):
             try:
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     time.sleep(1)
@@ -208,11 +211,6 @@ def test_distill_with_one_worker_per_node_trains_as_on_one_node(two_nodes, ray_l
     assert [r["step"] for r in two] == [r["step"] for r in one] and len(two) > 0
     for key in ("loss", "ce", "kd"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
-
-
-def node_pids(node: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns(node)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def in_stage_two(log: Path) -> bool:
