@@ -28,6 +28,7 @@ from jobs.runtime import JobError, local_ray_env
 from pocl_ray.config import ConfigError, dump_yaml, load_config
 from pocl_ray.convert import ConvertError
 from pocl_ray.data import DataError
+from pocl_ray.storage import StorageError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline", "tune")
@@ -90,12 +91,20 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    run = Path(args.run_dir)
+    from pocl_ray import storage
+
+    with storage.synced(args.run_dir):
+        local = storage.mirror_of(args.run_dir) if storage.is_uri(args.run_dir) else None
+        _report_in(Path(local or args.run_dir), args.run_dir)
+
+
+def _report_in(run: Path, where: str) -> None:
+    """The report of run directory `where`, worked on in `run` (itself, or its mirror)."""
     if (run / "pocl" / "metrics.jsonl").exists():  # written by `pocl-ray pipeline` / `demo`
         from pocl_ray.report import RUN_LABELS, pipeline_report
         from pocl_ray.run_dir import RunDir
 
-        cfg = load_config(run / "config.yaml", [f"run.output_dir={run}"])
+        cfg = load_config(run / "config.yaml", [f"run.output_dir={where}"])
         names = [n for n in RUN_LABELS if (run / n / "metrics.jsonl").exists()]
         index = pipeline_report(cfg, RunDir(run), names)
     else:  # written by `pocl-ray demo --plain`
@@ -164,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except StorageError as e:
+        print(f"error: object storage: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

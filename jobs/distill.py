@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs import runtime, score
-from pocl_ray import curriculum
+from pocl_ray import curriculum, storage
 from pocl_ray.config import Config, save_resolved, to_dict
-from pocl_ray.run_dir import RunDir, absolute, read_manifest
+from pocl_ray.run_dir import RunDir, absolute, read_manifest, train_storage
 
 
 def main(cfg: Config, *, fault: dict[str, Any] | None = None) -> Path:
@@ -30,7 +30,7 @@ def main(cfg: Config, *, fault: dict[str, Any] | None = None) -> Path:
         global step N once (`ray_train._maybe_fault`).
     """
     cfg = absolute(cfg)
-    with runtime.ray_session(cpus=cfg.scaling.num_workers):
+    with storage.synced(cfg.run.output_dir), runtime.ray_session(cpus=cfg.scaling.num_workers):
         runtime.preflight(runtime.worker_request(cfg.scaling), runtime.cluster_resources())
         return _run(cfg, fault)
 
@@ -41,7 +41,7 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
     from pocl_ray import ray_train
 
     t_start = time.perf_counter()
-    run = RunDir(Path(cfg.run.output_dir))
+    run = RunDir.of(cfg)
     world = max(cfg.scaling.num_workers, 1)
 
     # 2.-4. the scores table (checked against this run's inputs), the plan and the stage
@@ -80,9 +80,12 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
         last = "\n".join(str(e).strip().splitlines()[-6:])
         raise runtime.JobError(
             f"training failed (after up to run.max_failures={cfg.run.max_failures} restarts): "
-            f"{last}\nthe latest checkpoint in {run.storage(cfg) / cfg.run.name} is kept: run "
+            f"{last}\nthe latest checkpoint in "
+            f"{storage.redact(storage.join(train_storage(cfg), cfg.run.name))} is kept: run "
             "the same command again to resume from it"
         ) from e
+    if storage.is_uri(cfg.run.output_dir):  # rank 0 wrote the student on its own node
+        storage.pull(cfg.run.output_dir, run.root)
     summary = json.loads((run.root / "summary.json").read_text(encoding="utf-8"))
     how = "local mode" if cfg.scaling.num_workers == 0 else f"{world} worker(s)"
     print(
@@ -100,11 +103,12 @@ def _already_done(cfg: Config, run: RunDir, latest: dict | None) -> bool:
     complete."""
     if latest is None:
         return False
-    pos, ckpt = latest["position"], Path(latest["checkpoint"])
+    pos, ckpt = latest["position"], storage.redact(latest["checkpoint"])
     if pos["done"] and (run.root / "student" / "config.json").exists():
         print(
-            f"distill: run {cfg.run.name!r} is already complete ({ckpt.name}); nothing to "
-            f"train. Student: {run.root / 'student'}; use another run.name to train again"
+            f"distill: run {cfg.run.name!r} is already complete ({ckpt.rsplit('/', 1)[-1]}); "
+            f"nothing to train. Student: {run.root / 'student'}; use another run.name to "
+            "train again"
         )
         return True
     print(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import runtime
-from pocl_ray import artifacts, evaluation, run_dir
+from pocl_ray import artifacts, evaluation, run_dir, storage
 from pocl_ray.config import HELDOUT, Config, named_entry, save_resolved, to_dict
 from pocl_ray.run_dir import RunDir
 
@@ -31,7 +31,12 @@ def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
 
     show_table: print the model x set table at the end (the pipeline prints its own).
     """
-    run, ev = RunDir(Path(cfg.run.output_dir)), cfg.eval
+    with storage.synced(cfg.run.output_dir):
+        return _main(cfg, force=force, show_table=show_table)
+
+
+def _main(cfg: Config, *, force: bool, show_table: bool) -> Path:
+    run, ev = RunDir.of(cfg), cfg.eval
     save_resolved(cfg, run.root)
     tmp = run_dir.scratch_dir(run.eval)
     try:

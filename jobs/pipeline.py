@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from jobs import distill, evaluate, runtime, score, sft
-from pocl_ray import artifacts, evaluation, loop, models, report
+from pocl_ray import artifacts, evaluation, loop, models, report, storage
 from pocl_ray.config import Config, save_resolved
 from pocl_ray.run_dir import Locations, RunDir
 
@@ -44,7 +44,7 @@ def _with(cfg: Config, section: str, **changes) -> Config:
 def distil_into(cfg: Config, name: str) -> Path:
     """Run jobs.distill for pipeline run `name` and move its outputs into run.output_dir/name
     (the runs share the teacher, tokenizer, starting student and scores table)."""
-    run = RunDir(Path(cfg.run.output_dir))
+    run = RunDir.of(cfg)
     dest = run.root / name
     if (dest / "student" / "config.json").exists():
         print(f"pipeline: {name}: reusing {dest / 'student'}", flush=True)
@@ -83,9 +83,15 @@ def dev_losses(cfg: Config, run: RunDir, students: dict[str, Path]) -> str:
 
 def main(cfg: Config) -> Path:
     """Run every step (reusing finished ones); print the comparison table; return the report."""
+    with storage.synced(cfg.run.output_dir):  # each job pushes what it made, too
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> Path:
     t0 = time.perf_counter()
-    cfg = _with(cfg, "run", output_dir=str(Path(cfg.run.output_dir).resolve()))
-    run = RunDir(Path(cfg.run.output_dir))
+    if not storage.is_uri(cfg.run.output_dir):
+        cfg = _with(cfg, "run", output_dir=str(Path(cfg.run.output_dir).resolve()))
+    run = RunDir.of(cfg)
     save_resolved(cfg, run.root)
     with runtime.ray_session(cpus=cfg.scoring.num_actors * cfg.scoring.cpus_per_actor):
         if cfg.teacher.name_or_path is None:

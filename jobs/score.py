@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from jobs import runtime
-from pocl_ray import artifacts, scores
+from pocl_ray import artifacts, scores, storage
 from pocl_ray.config import Config, save_resolved, to_dict
 from pocl_ray.evaluation import answer_budget
 from pocl_ray.run_dir import (
@@ -42,7 +42,8 @@ def main(cfg: Config, *, force: bool = False, fault: dict[str, Any] | None = Non
     fault: tests only: passed to every `ScorerActor` (see its docstring).
     """
     sig = cfg.scoring
-    with runtime.ray_session(cpus=sig.num_actors * sig.cpus_per_actor):
+    with storage.synced(cfg.run.output_dir), \
+            runtime.ray_session(cpus=sig.num_actors * sig.cpus_per_actor):
         pool = runtime.pool_request("scoring", sig.num_actors, sig.cpus_per_actor,
                                     sig.gpus_per_actor, sig.accelerator_type,
                                     sig.resources)  # fmt: skip
@@ -54,7 +55,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
 
     from pocl_ray import ray_data
 
-    t_start, sig, run = time.perf_counter(), cfg.scoring, RunDir(Path(cfg.run.output_dir))
+    t_start, sig, run = time.perf_counter(), cfg.scoring, RunDir.of(cfg)
     save_resolved(cfg, run.root)
 
     # 2. inputs

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from jobs import runtime
-from pocl_ray import artifacts, models
+from pocl_ray import artifacts, models, storage
 from pocl_ray.config import Config, save_resolved, to_dict
 from pocl_ray.run_dir import Locations, RunDir, absolute
 
@@ -28,14 +28,15 @@ FOLDERS = {"teacher": "teacher", "student": "student_sft"}
 def main(cfg: Config, *, target: Target = "teacher") -> Path:
     """Train `target` by SFT unless its folder already holds a model; returns the folder."""
     cfg = absolute(cfg)
-    run = RunDir(Path(cfg.run.output_dir))
+    run = RunDir.of(cfg)
     dest = run.root / FOLDERS[target]
-    if (dest / "config.json").exists():
-        print(f"sft {target}: reusing {dest} (delete it to retrain)", flush=True)
-        return dest
-    with runtime.ray_session(cpus=cfg.scaling.num_workers):
-        runtime.preflight(runtime.worker_request(cfg.scaling), runtime.cluster_resources())
-        return _run(cfg, run, target, dest)
+    with storage.synced(cfg.run.output_dir):
+        if (dest / "config.json").exists():
+            print(f"sft {target}: reusing {dest} (delete it to retrain)", flush=True)
+            return dest
+        with runtime.ray_session(cpus=cfg.scaling.num_workers):
+            runtime.preflight(runtime.worker_request(cfg.scaling), runtime.cluster_resources())
+            return _run(cfg, run, target, dest)
 
 
 def _run(cfg: Config, run: RunDir, target: Target, dest: Path) -> Path:
@@ -74,5 +75,7 @@ def _run(cfg: Config, run: RunDir, target: Target, dest: Path) -> Path:
         max_failures=0,
     )
     trainer.fit()
+    if storage.is_uri(cfg.run.output_dir):  # rank 0 may have saved it on another node
+        storage.pull(cfg.run.output_dir, run.root, [FOLDERS[target]])
     print(f"sft {target}: saved {dest} in {time.perf_counter() - t0:.0f} s", flush=True)
     return dest

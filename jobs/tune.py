@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from jobs import runtime, score
-from pocl_ray import report, search
+from pocl_ray import report, search, storage
 from pocl_ray.config import Config, ConfigError, dump_yaml, to_dict
 from pocl_ray.run_dir import RunDir, absolute, changes
 
@@ -50,7 +50,7 @@ def _run(
     from pocl_ray import ray_train, ray_tune
 
     t_start, s = time.perf_counter(), sp.settings
-    run = RunDir(Path(cfg.run.output_dir))
+    run = RunDir.of(cfg)
     out, experiment = run.root / "tune", run.storage(cfg) / "tune" / cfg.run.name
 
     # 3. the shared inputs, once: no trial scores
@@ -125,6 +125,11 @@ def _problems(cfg: Config) -> list[str]:
     if cfg.scaling.num_workers == 0:
         out.append("scaling.num_workers: got 0; Train local mode cannot run inside a Tune trial "
                    "(Ray refuses ray.train calls in a Tune session): use >= 1")  # fmt: skip
+    for key in ("output_dir", "storage_path"):
+        if storage.is_uri(getattr(cfg.run, key)):
+            out.append(f"run.{key}: a search does not run on object storage yet (its trials "
+                       "write to local folders); use a local path, or a shared mount (NFS, "
+                       "a FUSE-mounted bucket) on a cluster")  # fmt: skip
     return out
 
 

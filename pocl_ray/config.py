@@ -537,13 +537,22 @@ PIPELINE_RUNS = ("pocl", "kd", "sft")
 """The distillation runs `pocl-ray pipeline` knows (jobs/pipeline.py)."""
 
 
+def _location_problems(key: str, where: str | None) -> list[str]:
+    """A run location is a local path or a URI without credentials (`storage.uri_problems`)."""
+    from pocl_ray import storage
+
+    return storage.uri_problems(key, where) if storage.is_uri(where) else []
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     output_dir: str = "runs/demo"
+    """A local folder, or a URI (s3://, gs://, file://) worked on through a local mirror
+    (pocl_ray/storage.py; credentials from the environment only)."""
     name: str = "demo"
     seed: int = 0
     storage_path: str | None = None
-    """Ray Train/Tune storage (null = <output_dir>/ray)."""
+    """Ray Train/Tune storage, a local folder or a URI (null = <output_dir>/ray)."""
     checkpoint_every: int = 0
     """Steps between checkpoints besides stage boundaries (0 = stage boundaries only)."""
     log_every: int = 10
@@ -564,6 +573,8 @@ class RunConfig:
                        f"{list(PIPELINE_RUNS)}, each once")  # fmt: skip
         if not self.output_dir:
             out.append("run.output_dir: empty; give a directory")
+        out += _location_problems("run.output_dir", self.output_dir)
+        out += _location_problems("run.storage_path", self.storage_path)
         if not self.name or "/" in self.name:
             out.append(f"run.name: got {self.name!r}; use a non-empty name without '/'")
         if self.checkpoint_every < 0 or self.log_every < 1:

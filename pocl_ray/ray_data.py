@@ -31,7 +31,7 @@ import ray  # ray: this module is an adapter; the core never imports ray
 import torch
 from transformers.utils import logging as hf_logging
 
-from pocl_ray import models
+from pocl_ray import models, storage
 from pocl_ray.config import Config, EvalConfig, ModelConfig, ScoringConfig, from_dict
 from pocl_ray.data import Record, TokenizedExample, example_from_row
 from pocl_ray.evaluation import (
@@ -161,6 +161,7 @@ class ScorerActor:
         fault: dict[str, Any] | None = None,
     ):
         cfg: Config = from_dict(config, source="scoring actor config")
+        storage.pull_paths(cfg.run.output_dir, paths.values())  # a run on object storage
         torch.set_num_threads(num_threads)
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per model and actor
         self.scoring, self.max_new_tokens, self.fault = cfg.scoring, max_new_tokens, fault
@@ -302,6 +303,8 @@ class GeneratorActor:
         self, *, config: dict[str, Any], model_specs: dict[str, dict[str, Any]], num_threads: int
     ):
         cfg: Config = from_dict(config, source="generation actor config")
+        wanted = [p for s in model_specs.values() for p in (s["path"], s["tokenizer"])]
+        storage.pull_paths(cfg.run.output_dir, wanted)  # a run on object storage
         torch.set_num_threads(num_threads)
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per model and actor
         logging.getLogger("transformers.modeling_utils").addFilter(_padding_false_alarm)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray  # ray: this module is an adapter; the core never imports ray
 import ray.train
 import ray.train.torch
@@ -42,7 +43,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from pocl_ray import artifacts, curriculum, difficulty, models, scores
+from pocl_ray import artifacts, curriculum, difficulty, models, scores, storage
 from pocl_ray.config import Config, from_dict, to_dict
 from pocl_ray.data import TokenizedExample, example_from_row
 from pocl_ray.evaluation import greedy_rouge_l
@@ -56,11 +57,12 @@ from pocl_ray.loop import (
     sft,
     train_stage,
 )
-from pocl_ray.run_dir import Locations, RunDir, changes, read_manifest
+from pocl_ray.run_dir import Locations, RunDir, changes, read_manifest, train_storage
 from pocl_ray.scores import TOPK_CACHE, TRAIN_COLUMNS, column_values
 from pocl_ray.train_step import DataParallel, make_optimizer, table_batch, training_mode
 
 STATE_FORMAT = 2
+RUN_LOG_FILES = ("metrics.jsonl", "events.jsonl", "stages.json", "tensorboard")
 CKPT_PREFIX = "ckpt_"
 DEV_DATASET = "dev"
 CONTROLLER_FAILURE_LIMIT = 2
@@ -113,7 +115,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=cfg.run.storage_path,
+            storage_path=train_storage(cfg),
             failure_config=ray.train.FailureConfig(
                 max_failures=max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
             ),
@@ -263,19 +265,26 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (by global step), or None."""
-    if not run_dir.is_dir():
-        return None
-    found = sorted(
-        (p for p in run_dir.glob(f"{CKPT_PREFIX}*") if (p / "state.json").exists()),
-        key=lambda p: p.name,
-    )
-    return found[-1] if found else None
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    """The newest complete checkpoint folder of a run (by global step), or None; `run_dir`
+    and the result are local paths or URIs (`storage.filesystem`)."""
+    fs, base = storage.filesystem(str(run_dir))
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    is_ckpt = [i.type == pafs.FileType.Directory and i.base_name.startswith(CKPT_PREFIX)
+               for i in infos]  # fmt: skip
+    folders = sorted(i.path for i, yes in zip(infos, is_ckpt) if yes)
+    for folder in reversed(folders):
+        if fs.get_file_info(f"{folder}/state.json").type == pafs.FileType.File:
+            name = folder.rsplit("/", 1)[-1]
+            return storage.join(str(run_dir), name) if storage.is_uri(str(run_dir)) else folder
+    return None
 
 
-def read_state(ckpt_dir: Path) -> dict:
-    return json.loads((Path(ckpt_dir) / "state.json").read_text(encoding="utf-8"))
+def read_state(ckpt_dir: str | Path) -> dict:
+    """A checkpoint's state.json (a local folder or a URI)."""
+    fs, base = storage.filesystem(str(ckpt_dir))
+    with fs.open_input_stream(f"{base}/state.json") as f:
+        return json.loads(f.read().decode("utf-8"))
 
 
 # ---------------------------------------------------------------- driver side: one run's setup
@@ -317,7 +326,7 @@ def prepare_distill(
         all trials, before any starts).
     Raises SetupError when the table or the data does not fit the run.
     """
-    run = RunDir(Path(cfg.run.output_dir))
+    run = RunDir.of(cfg)
     cur, cached = cfg.curriculum, cfg.loss.teacher_source == "cache"
     world = max(cfg.scaling.num_workers, 1)
     manifest, inputs = read_manifest(run.scores), artifacts.read_inputs(cfg, run)
@@ -402,13 +411,14 @@ def latest_state(cfg: Config, job: dict) -> dict | None:
     settings = job["settings"]
     if cfg.scaling.num_workers == 0:
         return None
-    latest = latest_checkpoint(RunDir(Path(cfg.run.output_dir)).storage(cfg) / cfg.run.name)
+    latest = latest_checkpoint(storage.join(train_storage(cfg), cfg.run.name))
     if latest is None:
         return None
     state = read_state(latest)
     if differ := settings_changes(state["settings"], settings):
+        where = storage.redact(latest.rsplit("/", 1)[0])
         raise SetupError(
-            f"run {cfg.run.name!r} in {latest.parent} was started with other settings:\n"
+            f"run {cfg.run.name!r} in {where} was started with other settings:\n"
             + "\n".join(f"  - {c}" for c in differ)
             + "\nrestore them to resume it, or start a new run with another run.name"
         )
@@ -807,6 +817,11 @@ def train_fn(loop_config: dict) -> None:
         torch.set_num_threads(job["threads"])
     w = Worker(cfg, job)
     cur = cfg.curriculum
+    # a run directory on object storage: this node's mirror gets the models (and rank 0 its
+    # log files, which a resumed run continues)
+    logs = [f"{job['out']}/{f}" for f in RUN_LOG_FILES] if w.rank == 0 else []
+    storage.pull_paths(cfg.run.output_dir,
+                       [job["tokenizer"], job["teacher"], job["student_init"], *logs])  # fmt: skip
 
     # 1. restore: weights, RNG, optimizer moments, position (or a fresh start)
     student, teacher = w.load_models()
@@ -857,6 +872,8 @@ def train_fn(loop_config: dict) -> None:
         _save_checkpoint(rank=w.rank, student=student, optimizer=optimizer, state=state,
                          metrics=metrics)  # fmt: skip
         w.log.event("checkpoint", global_step=w.global_step, stage=stage)
+        if w.rank == 0:  # the log up to this checkpoint outlives this node
+            storage.push_run(cfg.run.output_dir)
 
     # 2. the remaining stages, each from its first step (or the restored one)
     for stage in range(w.position["stage"], len(w.plan)):
@@ -940,6 +957,7 @@ def _finish(cfg: Config, job: dict, student, w: Worker) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     w.log.event("done", steps=summary["steps"])
     w.log.close()
+    storage.push_run(cfg.run.output_dir)
 
 
 # ---------------------------------------------------------------- the SFT worker
@@ -956,11 +974,13 @@ def sft_fn(loop_config: dict) -> None:
     if loop_config["threads"]:
         torch.set_num_threads(loop_config["threads"])
     remote = cfg.teacher.trust_remote_code
+    layered = target == "student" and cfg.student.init == "teacher_layers"
+    needs = [loop_config["tokenizer"], loop_config["teacher"] if layered else None]
+    storage.pull_paths(cfg.run.output_dir, needs)
     tok = models.load_tokenizer(loop_config["tokenizer"], trust_remote_code=remote)
     if target == "teacher":
         model = new_teacher(cfg, tok)
     else:  # a student made of teacher layers needs its teacher
-        layered = cfg.student.init == "teacher_layers"
         teacher = models.load_pretrained(loop_config["teacher"], cfg.teacher) if layered else None
         model = new_student(cfg, tok, teacher)
     model = ray.train.torch.prepare_model(model)  # ray: DDP when world > 1
@@ -978,6 +998,7 @@ def sft_fn(loop_config: dict) -> None:
     if rank0:
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         models.save_model(model.module if ddp else model, tok, dest)
+        storage.push_run(cfg.run.output_dir)
     ray.train.report({"loss": losses[-1], "epochs": len(losses)})  # ray:
 
 

@@ -13,6 +13,8 @@ One run directory (`run.output_dir`) holds a whole pipeline:
     report/            figures and index.html
     ray/               Ray Train storage (run.storage_path null)
 
+A URI output_dir (s3://, gs://, file://) is worked on in a local mirror of it that jobs and
+workers keep in step with the URI (`storage`); its Ray Train storage is `<URI>/ray`.
 Where a model or tokenizer comes from (a configured name, or this folder) is decided here
 and only here (`Locations`).
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pocl_ray import storage
 from pocl_ray.config import Config
 from pocl_ray.data import LoadResult
 
@@ -46,16 +49,33 @@ class RunDir:
         self.eval = self.root / "eval"
         self.report = self.root / "report"
 
+    @classmethod
+    def of(cls, cfg: Config) -> RunDir:
+        """The run directory of `cfg`: run.output_dir, or this node's mirror of a URI."""
+        out = cfg.run.output_dir
+        return cls(storage.mirror_of(out) if storage.is_uri(out) else Path(out))
+
     def storage(self, cfg: Config) -> Path:
-        """Ray Train / Tune storage: run.storage_path, else `<root>/ray`."""
+        """Local Ray Train / Tune storage: run.storage_path, else `<root>/ray` (a URI
+        storage: `train_storage`)."""
         return Path(cfg.run.storage_path).resolve() if cfg.run.storage_path else self.root / "ray"
 
 
+def train_storage(cfg: Config) -> str:
+    """Ray Train storage as Ray takes it: run.storage_path, else `<output_dir>/ray` (a local
+    folder or a URI)."""
+    out, store = cfg.run.output_dir, cfg.run.storage_path
+    if store:
+        return store if storage.is_uri(store) else str(Path(store).resolve())
+    return storage.join(out, "ray") if storage.is_uri(out) else str(Path(out).resolve() / "ray")
+
+
 def absolute(cfg: Config) -> Config:
-    """The config with absolute run paths (run.output_dir, run.storage_path): Ray workers
-    change directory, so every path they are given must be absolute."""
-    run = RunDir(Path(cfg.run.output_dir).resolve())
-    paths = {"output_dir": str(run.root), "storage_path": str(run.storage(cfg))}
+    """The config with absolute run locations (run.output_dir, run.storage_path): Ray
+    workers change directory, so every path they are given must be absolute. URIs stay."""
+    out = cfg.run.output_dir
+    paths = {"output_dir": out if storage.is_uri(out) else str(Path(out).resolve()),
+             "storage_path": train_storage(cfg)}  # fmt: skip
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **paths))
 
 

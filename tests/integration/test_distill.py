@@ -318,7 +318,7 @@ def test_two_worker_ddp_trains_the_global_batch(scored, tmp_path, extra):
     rows = metrics(out)
     assert len(rows) == curriculum.total_steps(plan) < curriculum.total_steps(plan_of(cfg, n))
     assert rows[-1]["samples"] == sum(p.size for p in plan)
-    last = latest_checkpoint(out / "ray" / cfg.run.name)
+    last = Path(latest_checkpoint(out / "ray" / cfg.run.name))
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {f.name for f in last.iterdir()}
     # token-weighted DDP gradients = the plain loop's on the global batch (up to float sums)
     ref = plain_history(out, tiny_cfg(out, f"optim.batch_size={2 * BATCH}", "student.dropout=0"))
@@ -363,7 +363,7 @@ def test_rerunning_the_same_name_resumes_instead_of_restarting(scored, tmp_path,
     cfg = tiny_cfg(out, "scaling.num_workers=1", "run.checkpoint_every=4", "run.max_failures=0")
     with pytest.raises(runtime.JobError, match="run the same command again"):
         distill.main(cfg, fault={"step": 10, "marker": str(tmp_path / "killed")})
-    latest = latest_checkpoint(out / "ray" / cfg.run.name)
+    latest = Path(latest_checkpoint(out / "ray" / cfg.run.name))
     assert latest.name == "ckpt_00000008"  # stage 2, step 2 of its 6
     capsys.readouterr()
 

@@ -1033,7 +1033,7 @@ def test_locations_are_absolute_for_local_folders(tmp_path, monkeypatch):
     (tmp_path / "models" / "teacher").mkdir(parents=True)
     cfg = load_config(None, ["run.output_dir=runs/x", "teacher.name_or_path=models/teacher",
                              "student.name_or_path=HuggingFaceTB/SmolLM2-135M"])  # fmt: skip
-    where = Locations.of(cfg, RunDir(Path(cfg.run.output_dir)))
+    where = Locations.of(cfg, RunDir.of(cfg))
     folder = str(tmp_path / "models" / "teacher")
     assert where.teacher == where.tokenizer == folder  # the teacher's tokenizer
     assert where.student_init == "HuggingFaceTB/SmolLM2-135M"
