@@ -111,7 +111,10 @@ def _report_in(run: Path, where: str) -> None:
         from pocl_ray.plain import report_plain
 
         index = report_plain(run)
-    print(f"report: {index}")
+    if "://" in where:  # a URI: say where it lands, and the copy here to open
+        print(f"report: {where.rstrip('/')}/{Path(index).relative_to(run)} (local copy: {index})")
+    else:
+        print(f"report: {index}")
 
 
 def _run_job(args: argparse.Namespace) -> None:

@@ -90,8 +90,11 @@ def actor_pool(
 
 
 def collect(ds: ray.data.Dataset) -> pd.DataFrame:
-    """Run a pool and gather its output rows on the driver (in no particular order)."""
-    return ds.to_pandas()
+    """Run a pool and gather its output rows on the driver (in no particular order), each
+    block as soon as it is done: a block already here no longer depends on the node that
+    made it (a lost node costs its batches in flight, which Ray retries)."""
+    parts = list(ds.iter_batches(batch_size=None, batch_format="pandas"))  # ray:
+    return pd.concat(parts, ignore_index=True) if parts else ds.to_pandas()
 
 
 def sorted_blocks(rows: pd.DataFrame, keys: dict[str, pd.Series], size: int) -> list[pd.DataFrame]:

@@ -2,11 +2,13 @@
 written, and a second run reuses every step."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 import torch
 
+from jobs import __main__ as cli
 from jobs import pipeline
 from pocl_ray import models, tasks
 from pocl_ray.config import ModelConfig
@@ -15,7 +17,7 @@ from tests.tiny import tiny_cfg
 
 
 @pytest.mark.timeout(600)
-def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys):
+def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg(tmp_path)
     index = pipeline.main(cfg)
     first = capsys.readouterr().out
@@ -44,6 +46,15 @@ def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys)
     assert "pocl: reusing" in second and "kd: reusing" in second and "sft: reusing" in second
     assert first.count("ROUGE-L F1 x100") == 1  # the table, once
     assert (tmp_path / "pocl" / "student" / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # the same run directory as a URI: `pocl-ray report` pulls it, rebuilds, pushes back
+    bucket = tmp_path.with_name(tmp_path.name + "-bucket")
+    shutil.copytree(tmp_path, bucket)
+    (bucket / "report" / "index.html").unlink()
+    monkeypatch.setenv("POCL_RAY_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["report", f"file://{bucket}"]) == 0
+    assert f"report: file://{bucket}/report/index.html (local copy:" in capsys.readouterr().out
+    assert "pocl" in (bucket / "report" / "index.html").read_text()
 
 
 @pytest.mark.timeout(600)

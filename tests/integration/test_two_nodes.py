@@ -3,7 +3,8 @@
 a veth pair; token authentication on with a private token; Ray's traffic stays on that pair
 and on each namespace's loopback, never on the machine's interface. The distill job runs with
 two Ray Train workers that can only fit one per node, and trains exactly as two workers on
-one node do.
+one node do. Then node B dies mid-job and comes back, for a distill job and a scoring job,
+each submitted through the Jobs API (`JobSubmissionClient`, as `ray job submit` does).
 
 Needs root and `ip` (skipped with the reason otherwise). Every process started here runs in
 one of the two namespaces and is stopped by PID (`ip netns pids`), never `ray stop`.
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import distill
+from jobs import distill, score
 from tests import tiny
 from tests.tiny import TINY
 
@@ -149,6 +151,67 @@ print(json.dumps(sorted({ips.get(a.node_id, "?") for a in actors})))
 """
 
 
+SUBMIT = r"""
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+
+address, working_dir, log_path, deadline_s, env_vars = sys.argv[1:6]
+entrypoint = " ".join(sys.argv[6:])
+client = JobSubmissionClient(address)
+job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
+    "working_dir": working_dir, "env_vars": json.loads(env_vars)})
+t0 = time.monotonic()
+while True:  # the job's log, live, for the test to watch
+    status = client.get_job_status(job_id)
+    with open(log_path + ".tmp", "w") as f:
+        f.write(client.get_job_logs(job_id))
+    __import__("os").replace(log_path + ".tmp", log_path)
+    if status.is_terminal() or time.monotonic() - t0 > float(deadline_s):
+        break
+    time.sleep(0.5)
+if not status.is_terminal():
+    client.stop_job(job_id)
+print(json.dumps({"job_id": job_id, "status": status.value,
+                  "message": client.get_job_info(job_id).message}))
+"""
+
+
+def submit(
+    tmp: Path, log: Path, *job_args: str, deadline_s: int, env_vars: dict | None = None
+) -> subprocess.Popen:
+    """`python -m jobs ...` submitted through the Jobs API of the head (its dashboard on
+    10.250.0.1, token auth) from a client in namespace A, the repository as the working
+    directory; the job's log is copied to `log` every half second. The client prints the
+    final status as JSON."""
+    env = node_env(tmp, f"{PREFIX}va")
+    entry = shlex.join(["python", "-m", "jobs", *job_args])
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns("A"), sys.executable, "-c", SUBMIT,
+         f"http://{NODES['A'][0]}:8265", str(ROOT), str(log), str(deadline_s),
+         json.dumps(env_vars or {}), entry],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finished(client: subprocess.Popen, log: Path, timeout_s: int) -> None:
+    """Wait for the submitting client; the job must have SUCCEEDED."""
+    out, err = client.communicate(timeout=timeout_s)
+    assert client.returncode == 0, err[-3000:]
+    result = json.loads(out.splitlines()[-1])
+    assert result["status"] == "SUCCEEDED", f"{result}\n{log.read_text()[-4000:]}"
+
+
+def kill_node_b(tmp: Path) -> float:
+    """Node B dies (raylet, its workers, everything in namespace B), comes back 5 s later;
+    returns when it died."""
+    killed = time.time()
+    for pid in node_pids("B"):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(5)
+    start_node(tmp, "B")
+    return killed
+
+
 def driver(tmp: Path, *args: str, timeout_s: int) -> subprocess.CompletedProcess:
     """A process in namespace A, joined to the cluster (as `ray job submit` would place the
     job's driver on the head)."""
@@ -230,27 +293,19 @@ def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(two_nodes, ray
     assert out.returncode == 0, out.stderr[-3000:]
     local = tmp_path / "local"
     shutil.copytree(run_dir, local)
-    env = node_env(two_nodes, f"{PREFIX}va") | {"RAY_ADDRESS": f"{NODES['A'][0]}:6379",
-                                                "PYTHONPATH": str(ROOT)}  # fmt: skip
-    log = (two_nodes / "distill.log").open("w")
+    log = two_nodes / "distill.log"
     job_started = time.time()
-    job = subprocess.Popen(
-        ["ip", "netns", "exec", ns("A"), sys.executable, "-m", "jobs", "distill",
-         "configs/demo.yaml", *common, "scaling.resources_per_worker={CPU: 1, worker_slot: 1}",
-         "run.checkpoint_every=5", "run.max_failures=3", "run.keep_checkpoints=null",
-         f"run.storage_path={two_nodes / 'storage'}"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    job = submit(two_nodes, log, "distill", "configs/demo.yaml", *common,
+                 "scaling.resources_per_worker={CPU: 1, worker_slot: 1}",
+                 "run.checkpoint_every=5", "run.max_failures=3", "run.keep_checkpoints=null",
+                 f"run.storage_path={two_nodes / 'storage'}", deadline_s=600)  # fmt: skip
     deadline = time.time() + 300
-    while not in_stage_two(two_nodes / "distill.log") and time.time() < deadline:
-        assert job.poll() is None, (two_nodes / "distill.log").read_text()[-4000:]
+    while not in_stage_two(log) and time.time() < deadline:
+        assert job.poll() is None, log.read_text()[-4000:] if log.exists() else job.stderr.read()
         time.sleep(0.2)
-    killed, log_at_kill = time.time(), (two_nodes / "distill.log").read_text(errors="replace")
-    for pid in node_pids("B"):  # node B dies: raylet, its workers, everything in B
-        os.kill(pid, signal.SIGKILL)
-    time.sleep(5)
-    start_node(two_nodes, "B")  # the node comes back
-    assert job.wait(timeout=600) == 0, (two_nodes / "distill.log").read_text()[-4000:]
+    log_at_kill = log.read_text(errors="replace")
+    killed = kill_node_b(two_nodes)
+    finished(job, log, timeout_s=660)
 
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     (at,) = [i for i, e in enumerate(events) if e["event"] == "resume"]
@@ -277,8 +332,59 @@ def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(two_nodes, ray
     progress = re.findall(r"stage 2/4: (\d+)/\d+ steps", log_at_kill)
     before = sum(1 for r in rows.values() if r["stage"] == 0) + int(progress[-1])
     print(
-        f"timeline: node B killed {killed - job_started:.0f} s into the job, at about step "
-        f"{before} (stage 2, step {progress[-1]} of it); resumed at step {saved}, the last "
-        f"checkpoint (every 5 steps and at stage ends); {before - saved} step(s) redone; "
-        f"{total} steps in all, each once in metrics.jsonl"
+        f"timeline (Jobs API): node B killed {killed - job_started:.0f} s after submission, "
+        f"at about step {before} (stage 2, step {progress[-1]} of it); resumed at step "
+        f"{saved}, the last checkpoint (every 5 steps and at stage ends); "
+        f"{before - saved} step(s) redone; {total} steps in all, each once in metrics.jsonl"
+    )
+
+
+def scored_rows(log: Path) -> tuple[int, int] | None:
+    """(rows scored, rows in all) from the job's latest Ray Data progress line."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = re.findall(r"Total Progress: (\d+)/(\d+)", text)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
+
+
+@pytest.mark.timeout(900)
+def test_losing_a_node_mid_table_scores_every_sample_once(two_nodes, ray_local, tmp_path):
+    """Two scoring actors, one per node; node B dies while the table is being scored and comes
+    back. The job finishes with every training sample in the table exactly once, each with
+    the signals a single-node run gives it."""
+    run_dir = two_nodes / "run"
+    bigger = [*TINY, "data.builtin_size=960", "scoring.max_new_tokens=16"]
+    log = two_nodes / "score.log"
+    job_started = time.time()
+    job = submit(two_nodes, log, "score", "configs/demo.yaml", *bigger, "scoring.num_actors=2",
+                 "scoring.resources={worker_slot: 1}", f"run.output_dir={run_dir}",
+                 deadline_s=600, env_vars={"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "1"},
+                 )  # fmt: skip
+    deadline = time.time() + 400
+    while time.time() < deadline:  # both actors up and some rows scored, most still to do
+        got = scored_rows(log)
+        if got and 0 < got[0] < got[1] // 2 and "running=2" in log.read_text(errors="replace"):
+            break
+        assert job.poll() is None, log.read_text()[-4000:] if log.exists() else job.stderr.read()
+        time.sleep(0.2)
+    at_kill = scored_rows(log)
+    killed = kill_node_b(two_nodes)
+    finished(job, log, timeout_s=660)
+
+    manifest, table = tiny.read_manifest(run_dir), tiny.read_scores(run_dir)
+    ids = table["sample_id"].tolist()
+    assert len(ids) == len(set(ids)) == manifest["counts"]["train"] > at_kill[0]  # each once
+
+    local = tmp_path / "local"  # the same inputs, scored on the single local node
+    shutil.copytree(run_dir, local)
+    score.main(tiny.tiny_cfg(local, "data.builtin_size=960", "scoring.max_new_tokens=16",
+                             "scoring.num_actors=2"), force=True)  # fmt: skip
+    ref = tiny.read_scores(local).set_index("sample_id")
+    got = table.set_index("sample_id").loc[ref.index]
+    for name in manifest["signals"]:
+        assert got[name].to_numpy() == pytest.approx(ref[name].to_numpy(), abs=1e-6), name
+    restarted = "restarting=1" in log.read_text(errors="replace")
+    print(
+        f"timeline (Jobs API, scoring): node B killed {killed - job_started:.0f} s after "
+        f"submission with {at_kill[0]}/{at_kill[1]} rows scored; the job finished with all "
+        f"{len(ids)} training samples once (actor restart seen in the log: {restarted})"
     )
