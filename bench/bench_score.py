@@ -126,11 +126,10 @@ def ray_pool(cfg, table, paths, actors: int, warm_up: bool = False) -> dict:
     cfg = replace(cfg, scoring=replace(cfg.scoring, num_actors=actors, cpus_per_actor=1.0))
 
     def timed(rows) -> float:
-        ds = ray_data.scoring_dataset(rows, cfg.scoring.batch_size)
         t0 = time.perf_counter()
         n = len(
             ray_data.score_rows(
-                ds,
+                rows,
                 config=to_dict(cfg),
                 sig=cfg.scoring,
                 paths=paths,

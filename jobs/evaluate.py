@@ -158,7 +158,7 @@ def _answer(cfg: Config, sets, specs, columns):
         rows[f"ids_{column}"] = [fitted[id(r)][0] for r in records]
         rows[f"cut_{column}"] = [fitted[id(r)][1] for r in records]
     got = ray_data.generate_rows(
-        ray_data.generation_dataset(rows, cfg.eval.batch_size),
+        rows,
         config=to_dict(cfg),  # the one place the config crosses into Ray workers
         ev=cfg.eval,
         model_specs={

@@ -104,7 +104,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
     budget = _budget(cfg, paths["scorer"])
     rows = ray_data.example_rows(train_ex, [r.references for r in inputs.train])
     scored = ray_data.score_rows(
-        ray_data.scoring_dataset(rows, sig.batch_size),
+        rows,
         config=to_dict(cfg),  # the one place the config crosses into Ray workers
         sig=sig,
         paths={k: paths[k] for k in ("tokenizer", "scorer", "teacher")},

@@ -3,13 +3,14 @@
 
 The maths lives in the core (`signals.score_batch`; `evaluation.generate`, `rouge_l`,
 `exact_match`); this module moves rows to actors and back:
-- `scoring_dataset` cuts tokenised rows into blocks of exactly one scoring batch, sorted by
+- `scoring_blocks` cuts tokenised rows into blocks of exactly one scoring batch, sorted by
   length then sample id: batch composition (so padding, so every float) depends only on the
   set of rows, never on file order or on Ray's scheduling; `ScorerActor` loads the scorer
   (and the teacher) once and scores one batch per call;
-- `generation_dataset` does the same for (set, example, seed) rows; `GeneratorActor` loads
+- `generation_blocks` does the same for (set, example, seed) rows; `GeneratorActor` loads
   every evaluated model once and answers each row with each (sampling seeded per row);
-- `actor_pool` is the one pool builder both use; `collect` runs a pool and gathers the rows.
+- `actor_pool` is the one pool builder both use; `answer_blocks` runs the blocks through a
+  pool and gathers the rows, starting a new pool for the blocks a lost node left unanswered.
 
 The config crosses into the actors as a plain dict (`config.to_dict`) and is rebuilt with
 `config.from_dict` in exactly one place per actor class (its `__init__`).
@@ -22,7 +23,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from pocl_ray.evaluation import (
 )
 from pocl_ray.scores import encode_cache
 from pocl_ray.signals import score_batch
+
+log = logging.getLogger("pocl_ray.ray_data")
 
 MAX_ACTOR_RESTARTS = 3
 """An actor that dies (OOM, preemption, node loss) is restarted this many times."""
@@ -89,12 +92,56 @@ def actor_pool(
         )
 
 
-def collect(ds: ray.data.Dataset) -> pd.DataFrame:
-    """Run a pool and gather its output rows on the driver (in no particular order), each
-    block as soon as it is done: a block already here no longer depends on the node that
-    made it (a lost node costs its batches in flight, which Ray retries)."""
-    parts = list(ds.iter_batches(batch_size=None, batch_format="pandas"))  # ray:
-    return pd.concat(parts, ignore_index=True) if parts else ds.to_pandas()
+POOL_ATTEMPTS = 3
+"""Pools started in all for one table: after a failure of the cluster (a node lost with an
+actor on it: Ray Data gives up on `ActorUnavailableError`), a new pool answers the blocks
+that have no output yet."""
+CLUSTER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                  ray.exceptions.NodeDiedError)  # fmt: skip
+
+
+def answer_blocks(
+    blocks: list[pd.DataFrame],
+    pool: Callable[[ray.data.Dataset], ray.data.Dataset],
+    *,
+    key: list[str],
+    what: str,
+) -> pd.DataFrame:
+    """Every block through `pool` (one block = one actor call, answered whole or not at
+    all), gathered on the driver as each is done (in no particular order), so an answered
+    block no longer depends on the node that made it. When the pool fails for a reason of
+    the cluster, the answered blocks are kept and a new pool answers the others, up to
+    POOL_ATTEMPTS pools: no row is lost or answered twice (`key`: the columns that name an
+    input row in the output). Any other error is raised at once."""
+    done: list[pd.DataFrame] = []
+    left = blocks
+    for attempt in range(1, POOL_ATTEMPTS + 1):
+        try:
+            ds = pool(ray.data.from_pandas(left))  # ray:
+            done.extend(ds.iter_batches(batch_size=None, batch_format="pandas"))
+            break
+        except CLUSTER_ERRORS as e:
+            done, left = _keep_answered(done, left, key)
+            if attempt == POOL_ATTEMPTS:
+                raise
+            log.warning(
+                "%s: the pool failed (%s: %s); %d of %d batches are answered and kept; a new "
+                "pool answers the %d left (pool %d of %d)", what, type(e).__name__,
+                str(e).splitlines()[0][:200], len(blocks) - len(left), len(blocks), len(left),
+                attempt + 1, POOL_ATTEMPTS,
+            )  # fmt: skip
+    return pd.concat(done, ignore_index=True)
+
+
+def _keep_answered(
+    done: list[pd.DataFrame], blocks: list[pd.DataFrame], key: list[str]
+) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """(outputs of the fully answered blocks, the blocks not fully answered)."""
+    answered = set(pd.concat(done)[key].itertuples(index=False)) if done else set()
+    left = [b for b in blocks if not set(b[key].itertuples(index=False)) <= answered]
+    redo = set().union(*(set(b[key].itertuples(index=False)) for b in left)) if left else set()
+    kept = [d[[k not in redo for k in d[key].itertuples(index=False)]] for d in done]
+    return [d for d in kept if len(d)], left
 
 
 def sorted_blocks(rows: pd.DataFrame, keys: dict[str, pd.Series], size: int) -> list[pd.DataFrame]:
@@ -136,9 +183,6 @@ def scoring_blocks(rows: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     return sorted_blocks(rows, keys, batch_size)
 
 
-def scoring_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
-    """One block per scoring batch (`scoring_blocks`)."""
-    return ray.data.from_pandas(scoring_blocks(rows, batch_size))  # ray:
 
 
 class ScorerActor:
@@ -219,7 +263,7 @@ class ScorerActor:
 
 
 def score_rows(
-    ds: ray.data.Dataset,
+    rows: pd.DataFrame,
     *,
     config: dict[str, Any],
     sig: ScoringConfig,
@@ -227,21 +271,20 @@ def score_rows(
     max_new_tokens: int,
     fault: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Score every row on the pool of `sig` (the config's scoring section): sample_id, one
-    float column per signal, and with teacher_topk > 0 the cache columns as bytes
-    (`scores.decode_cache`)."""
-    pool = actor_pool(
-        ds,
-        ScorerActor,
-        {"config": config, "paths": paths, "max_new_tokens": max_new_tokens, "fault": fault},
-        batch_size=sig.batch_size,
-        num_actors=sig.num_actors,
-        cpus=sig.cpus_per_actor,
-        gpus=sig.gpus_per_actor,
-        accelerator_type=sig.accelerator_type,
-        resources=sig.resources,
-    )
-    return collect(pool)
+    """Score every row (`example_rows`) on the pool of `sig` (the config's scoring section),
+    in `scoring_blocks`: sample_id, one float column per signal, and with teacher_topk > 0
+    the cache columns as bytes (`scores.decode_cache`)."""
+    constructor = {"config": config, "paths": paths, "max_new_tokens": max_new_tokens,
+                   "fault": fault}  # fmt: skip
+
+    def pool(ds: ray.data.Dataset) -> ray.data.Dataset:
+        return actor_pool(ds, ScorerActor, constructor, batch_size=sig.batch_size,
+                          num_actors=sig.num_actors, cpus=sig.cpus_per_actor,
+                          gpus=sig.gpus_per_actor, accelerator_type=sig.accelerator_type,
+                          resources=sig.resources)  # fmt: skip
+
+    blocks = scoring_blocks(rows, sig.batch_size)
+    return answer_blocks(blocks, pool, key=["sample_id"], what="scoring")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -273,12 +316,12 @@ def generation_rows(sets: dict[str, Sequence[Record]], seeds: Sequence[int]) -> 
     return pd.DataFrame(rows)
 
 
-def generation_dataset(rows: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
+def generation_blocks(rows: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     """One block per generation batch, rows sorted by (prompt characters, set, sample_id,
     seed): prompts of similar length share a batch, an example's seeds sit side by side."""
     keys = {"n": rows["prompt"].map(len), "set": rows["set"], "id": rows["sample_id"],
             "seed": rows["seed"]}  # fmt: skip
-    return ray.data.from_pandas(sorted_blocks(rows, keys, batch_size))  # ray:
+    return sorted_blocks(rows, keys, batch_size)
 
 
 def _padding_false_alarm(record: logging.LogRecord) -> bool:
@@ -361,24 +404,23 @@ class GeneratorActor:
 
 
 def generate_rows(
-    ds: ray.data.Dataset,
+    rows: pd.DataFrame,
     *,
     config: dict[str, Any],
     ev: EvalConfig,
     model_specs: dict[str, dict[str, Any]],
 ) -> pd.DataFrame:
-    """Answer every row with every model on the pool of `ev` (the config's eval section):
-    one row per (model, row)."""
-    pool = actor_pool(
-        ds,
-        GeneratorActor,
-        {"config": config, "model_specs": model_specs},
-        batch_size=ev.batch_size,
-        num_actors=ev.num_actors,
-        cpus=ev.cpus_per_actor,
-        gpus=ev.gpus_per_actor,
-        accelerator_type=ev.accelerator_type,
-        resources=ev.resources,
-    )
-    return collect(pool)
+    """Answer every row (`generation_rows` plus the prompt-id columns) with every model on
+    the pool of `ev` (the config's eval section), in `generation_blocks`: one row per
+    (model, row)."""
+    constructor = {"config": config, "model_specs": model_specs}
+
+    def pool(ds: ray.data.Dataset) -> ray.data.Dataset:
+        return actor_pool(ds, GeneratorActor, constructor, batch_size=ev.batch_size,
+                          num_actors=ev.num_actors, cpus=ev.cpus_per_actor,
+                          gpus=ev.gpus_per_actor, accelerator_type=ev.accelerator_type,
+                          resources=ev.resources)  # fmt: skip
+
+    blocks = generation_blocks(rows, ev.batch_size)
+    return answer_blocks(blocks, pool, key=["set", "index", "seed"], what="eval")
 

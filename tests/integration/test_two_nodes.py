@@ -201,6 +201,12 @@ def finished(client: subprocess.Popen, log: Path, timeout_s: int) -> None:
     assert result["status"] == "SUCCEEDED", f"{result}\n{log.read_text()[-4000:]}"
 
 
+def ended_early(client: subprocess.Popen, log: Path) -> str:
+    """What a job that ended before the node could be killed said."""
+    out, err = client.communicate()
+    return f"{out[-2000:]}\n{err[-2000:]}\n{log.read_text()[-4000:] if log.exists() else ''}"
+
+
 def kill_node_b(tmp: Path) -> float:
     """Node B dies (raylet, its workers, everything in namespace B), comes back 5 s later;
     returns when it died."""
@@ -301,7 +307,7 @@ def test_losing_a_node_mid_stage_resumes_from_the_last_checkpoint(two_nodes, ray
                  f"run.storage_path={two_nodes / 'storage'}", deadline_s=600)  # fmt: skip
     deadline = time.time() + 300
     while not in_stage_two(log) and time.time() < deadline:
-        assert job.poll() is None, log.read_text()[-4000:] if log.exists() else job.stderr.read()
+        assert job.poll() is None, ended_early(job, log)
         time.sleep(0.2)
     log_at_kill = log.read_text(errors="replace")
     killed = kill_node_b(two_nodes)
@@ -352,7 +358,7 @@ def test_losing_a_node_mid_table_scores_every_sample_once(two_nodes, ray_local, 
     back. The job finishes with every training sample in the table exactly once, each with
     the signals a single-node run gives it."""
     run_dir = two_nodes / "run"
-    bigger = [*TINY, "data.builtin_size=960", "scoring.max_new_tokens=16"]
+    bigger = [*TINY, "data.builtin_size=960", "scoring.max_new_tokens=48"]  # about a minute
     log = two_nodes / "score.log"
     job_started = time.time()
     job = submit(two_nodes, log, "score", "configs/demo.yaml", *bigger, "scoring.num_actors=2",
@@ -362,9 +368,9 @@ def test_losing_a_node_mid_table_scores_every_sample_once(two_nodes, ray_local, 
     deadline = time.time() + 400
     while time.time() < deadline:  # both actors up and some rows scored, most still to do
         got = scored_rows(log)
-        if got and 0 < got[0] < got[1] // 2 and "running=2" in log.read_text(errors="replace"):
+        if got and 0 < got[0] < got[1] * 0.6 and "Actors: 2" in log.read_text(errors="replace"):
             break
-        assert job.poll() is None, log.read_text()[-4000:] if log.exists() else job.stderr.read()
+        assert job.poll() is None, ended_early(job, log)
         time.sleep(0.2)
     at_kill = scored_rows(log)
     killed = kill_node_b(two_nodes)
@@ -376,15 +382,16 @@ def test_losing_a_node_mid_table_scores_every_sample_once(two_nodes, ray_local, 
 
     local = tmp_path / "local"  # the same inputs, scored on the single local node
     shutil.copytree(run_dir, local)
-    score.main(tiny.tiny_cfg(local, "data.builtin_size=960", "scoring.max_new_tokens=16",
+    score.main(tiny.tiny_cfg(local, "data.builtin_size=960", "scoring.max_new_tokens=48",
                              "scoring.num_actors=2"), force=True)  # fmt: skip
     ref = tiny.read_scores(local).set_index("sample_id")
     got = table.set_index("sample_id").loc[ref.index]
     for name in manifest["signals"]:
         assert got[name].to_numpy() == pytest.approx(ref[name].to_numpy(), abs=1e-6), name
-    restarted = "restarting=1" in log.read_text(errors="replace")
+    text = log.read_text(errors="replace")
+    recovery = [line for line in text.splitlines() if "the pool failed" in line]
     print(
         f"timeline (Jobs API, scoring): node B killed {killed - job_started:.0f} s after "
         f"submission with {at_kill[0]}/{at_kill[1]} rows scored; the job finished with all "
-        f"{len(ids)} training samples once (actor restart seen in the log: {restarted})"
+        f"{len(ids)} training samples once; recovery: {recovery or 'within the pool'}"
     )
