@@ -7,6 +7,7 @@
     pocl-ray sft      CONFIG [...] [--target]  supervised fine-tuning on Ray Train
     pocl-ray pipeline CONFIG [...]             every job in order, then the report
     pocl-ray tune     CONFIG --space FILE [...] [--resume]   Ray Tune search (docs/tune.md)
+    pocl-ray compare  CONFIG [--methods kd,pocl] [--seeds 3] [...]   methods x training seeds
     pocl-ray demo [--plain] [key=value ...]    the embedded default (configs/demo.yaml)
     pocl-ray report   RUN_DIR                  rebuild a run's report
     pocl-ray convert-gguf SRC DST              GGUF model -> Hugging Face folder (docs/models.md)
@@ -31,7 +32,7 @@ from pocl_ray.data import DataError
 from pocl_ray.storage import StorageError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline", "tune")
+JOBS_WITH_CONFIG = ("score", "distill", "evaluate", "sft", "pipeline", "tune", "compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "sft": "supervised fine-tuning (CE only) on Ray Train",
         "pipeline": "sft teacher -> score -> distill POCL, KD, SFT -> evaluate -> report",
         "tune": "search the curriculum with Ray Tune on one scores table (docs/tune.md)",
+        "compare": "curricula x training seeds, mean ± sd and paired intervals (docs/compare.md)",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text)
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "tune":
             s.add_argument("--space", required=True, help="search space (tune_spaces/*.yaml)")
             s.add_argument("--resume", action="store_true", help="continue an interrupted search")
+        if name == "compare":
+            s.add_argument("--methods", default="kd,pocl",
+                           help="comma list of kd, pocl, random, anti, sft (kd always runs)")
+            s.add_argument("--seeds", type=int, default=3, help="training seeds per method")
         if name == "sft":
             s.add_argument(
                 "--target", choices=["teacher", "student"], default="teacher",
@@ -129,7 +135,7 @@ def _run_job(args: argparse.Namespace) -> None:
         args.command = "pipeline"
     else:
         cfg = load_config(args.config, args.overrides)
-    from jobs import distill, evaluate, pipeline, score, sft, tune  # after the config is valid
+    from jobs import compare, distill, evaluate, pipeline, score, sft, tune  # config is valid
 
     run = {
         "score": lambda: score.main(cfg, force=args.force),
@@ -138,6 +144,8 @@ def _run_job(args: argparse.Namespace) -> None:
         "sft": lambda: sft.main(cfg, target=args.target),
         "pipeline": lambda: pipeline.main(cfg),
         "tune": lambda: tune.main(cfg, space=args.space, resume=args.resume),
+        "compare": lambda: compare.main(cfg, methods=compare.parse_methods(args.methods),
+                                        seeds=args.seeds),
     }
     run[args.command]()
 

@@ -23,25 +23,28 @@ from pocl_ray.config import Config, save_resolved, to_dict
 from pocl_ray.run_dir import RunDir, absolute, read_manifest, train_storage
 
 
-def main(cfg: Config, *, fault: dict[str, Any] | None = None) -> Path:
-    """Run the distillation job; returns `run.output_dir`.
+def main(cfg: Config, *, into: str | None = None, fault: dict[str, Any] | None = None) -> Path:
+    """Run the distillation job; returns the folder of its outputs (`run.output_dir`).
 
+    into: a subfolder of the run directory for the outputs (`pocl-ray pipeline` and `compare`
+        keep one per trained student); the scores table and models still come from the run.
     fault: tests only: {"step": N, "marker": path[, "rank": r]} makes a worker exit hard at
         global step N once (`ray_train._maybe_fault`).
     """
     cfg = absolute(cfg)
     with storage.synced(cfg.run.output_dir), runtime.ray_session(cpus=cfg.scaling.num_workers):
         runtime.preflight(runtime.worker_request(cfg.scaling), runtime.cluster_resources())
-        return _run(cfg, fault)
+        return _run(cfg, into, fault)
 
 
-def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
+def _run(cfg: Config, into: str | None, fault: dict[str, Any] | None) -> Path:
     import ray
 
     from pocl_ray import ray_train
 
     t_start = time.perf_counter()
     run = RunDir.of(cfg)
+    out = run.root / into if into else run.root
     world = max(cfg.scaling.num_workers, 1)
 
     # 2.-4. the scores table (checked against this run's inputs), the plan and the stage
@@ -51,15 +54,15 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
               "(`pocl-ray score` with this config)", flush=True)  # fmt: skip
         score.main(cfg)
     try:
-        setup = ray_train.prepare_distill(cfg, out=run.root, fault=fault)
+        setup = ray_train.prepare_distill(cfg, out=out, fault=fault)
         latest = ray_train.latest_state(cfg, setup.job)
     except ray_train.SetupError as e:
         raise runtime.JobError(str(e)) from e
     print(f"distill: plan for {setup.n} samples, global batch {cfg.optim.batch_size * world}:")
     print(curriculum.format_plan(setup.plan), flush=True)
-    if _already_done(cfg, run, latest):
-        return run.root
-    save_resolved(cfg, run.root)
+    if _already_done(cfg, out, latest):
+        return out
+    save_resolved(cfg, out)
 
     # 5. train
     ray_train.quiet_logs()  # local mode runs the loop in this process
@@ -86,28 +89,28 @@ def _run(cfg: Config, fault: dict[str, Any] | None) -> Path:
         ) from e
     if storage.is_uri(cfg.run.output_dir):  # rank 0 wrote the student on its own node
         storage.pull(cfg.run.output_dir, run.root)
-    summary = json.loads((run.root / "summary.json").read_text(encoding="utf-8"))
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     how = "local mode" if cfg.scaling.num_workers == 0 else f"{world} worker(s)"
     print(
         f"distill: done in {time.perf_counter() - t_start:.0f} s ({how}; training "
         f"{time.perf_counter() - t_fit:.0f} s): {summary['stages']} stages, {summary['steps']} "
         f"steps, {summary['samples']} samples, final-stage loss "
         f"{summary['final_stage_loss']:.4f}, {summary['tokens_per_s']:.0f} tok/s -> "
-        f"{run.root / 'student'} (metrics.jsonl, stages.json, summary.json, tensorboard/)"
+        f"{out / 'student'} (metrics.jsonl, stages.json, summary.json, tensorboard/)"
     )
-    return run.root
+    return out
 
 
-def _already_done(cfg: Config, run: RunDir, latest: dict | None) -> bool:
+def _already_done(cfg: Config, out: Path, latest: dict | None) -> bool:
     """Say how the run continues from its latest checkpoint's state: True when it is
-    complete."""
+    complete (its student in `out`)."""
     if latest is None:
         return False
     pos, ckpt = latest["position"], storage.redact(latest["checkpoint"])
-    if pos["done"] and (run.root / "student" / "config.json").exists():
+    if pos["done"] and (out / "student" / "config.json").exists():
         print(
             f"distill: run {cfg.run.name!r} is already complete ({ckpt.rsplit('/', 1)[-1]}); "
-            f"nothing to train. Student: {run.root / 'student'}; use another run.name to "
+            f"nothing to train. Student: {out / 'student'}; use another run.name to "
             "train again"
         )
         return True

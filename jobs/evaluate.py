@@ -26,17 +26,22 @@ from pocl_ray.run_dir import RunDir
 log = logging.getLogger("pocl_ray.evaluate")
 
 
-def main(cfg: Config, *, force: bool = False, show_table: bool = True) -> Path:
-    """Run the evaluation job; returns the `eval/` folder.
+def main(
+    cfg: Config, *, force: bool = False, show_table: bool = True, folder: str | None = None
+) -> Path:
+    """Run the evaluation job; returns its folder (`eval/` of the run directory).
 
     show_table: print the model x set table at the end (the pipeline prints its own).
+    folder: another folder of the run directory for the results (`pocl-ray compare`).
     """
     with storage.synced(cfg.run.output_dir):
-        return _main(cfg, force=force, show_table=show_table)
+        return _main(cfg, force=force, show_table=show_table, folder=folder)
 
 
-def _main(cfg: Config, *, force: bool, show_table: bool) -> Path:
+def _main(cfg: Config, *, force: bool, show_table: bool, folder: str | None) -> Path:
     run, ev = RunDir.of(cfg), cfg.eval
+    if folder:
+        run.eval = run.root / folder
     save_resolved(cfg, run.root)
     tmp = run_dir.scratch_dir(run.eval)
     try:
@@ -64,7 +69,8 @@ def _main(cfg: Config, *, force: bool, show_table: bool) -> Path:
         if reuse and not force:
             print(f"eval: reusing the results in {run.eval} ({why}); --force re-evaluates")
             if show_table:
-                print(evaluation.format_table(evaluation.read_results(run.root), ev))
+                old = evaluation.read_results(run.root, run.eval.name)
+                print(evaluation.format_table(old, ev))
             return run.eval
         # 2. prompts
         try:

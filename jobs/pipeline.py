@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -31,8 +30,6 @@ RUNS = {
     "sft": {"mode": "none", "kd_ratio_start": 0.0, "kd_ratio_end": 0.0},
 }
 """Each pipeline run's curriculum changes to the configured config."""
-DISTILL_OUTPUTS = ("student", "metrics.jsonl", "stages.json", "summary.json", "events.jsonl",
-                   "tensorboard")  # fmt: skip
 
 
 def _with(cfg: Config, section: str, **changes) -> Config:
@@ -42,8 +39,8 @@ def _with(cfg: Config, section: str, **changes) -> Config:
 
 
 def distil_into(cfg: Config, name: str) -> Path:
-    """Run jobs.distill for pipeline run `name` and move its outputs into run.output_dir/name
-    (the runs share the teacher, tokenizer, starting student and scores table)."""
+    """Run jobs.distill for pipeline run `name` with its outputs in run.output_dir/name (the
+    runs share the teacher, tokenizer, starting student and scores table)."""
     run = RunDir.of(cfg)
     dest = run.root / name
     if (dest / "student" / "config.json").exists():
@@ -53,14 +50,7 @@ def distil_into(cfg: Config, name: str) -> Path:
     cur = run_cfg.curriculum
     print(f"pipeline: {name}: distilling (curriculum.mode={cur.mode}, "
           f"lambda {cur.kd_ratio_start:g}->{cur.kd_ratio_end:g})", flush=True)  # fmt: skip
-    distill.main(run_cfg)
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in DISTILL_OUTPUTS:
-        if (run.root / item).exists():
-            shutil.rmtree(dest / item, ignore_errors=True)
-            shutil.move(str(run.root / item), str(dest / item))
-    print(f"pipeline: {name}: outputs moved to {dest} (student/, metrics.jsonl, ...)", flush=True)
-    return dest
+    return distill.main(run_cfg, into=name)
 
 
 def dev_losses(cfg: Config, run: RunDir, students: dict[str, Path]) -> str:

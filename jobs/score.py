@@ -139,6 +139,8 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
         f"scores: {len(table)} rows in {scoring_s:.1f} s ({len(table) / scoring_s:.1f} rows/s); "
         f"means {' '.join(f'{s}={v:.3f}' for s, v in means.items())}{rho} -> {run.scores}"
     )
+    if quality is not None:  # built-in tasks: how well each signal orders the true levels
+        print(f"scores: Spearman rho with the true level: {scores.format_quality(quality)}")
     return run.scores
 
 

@@ -262,8 +262,8 @@ class CurriculumConfig:
     eval_every: int = 0
     """Steps between dev evaluations for the plateau trigger (0 = once per epoch)."""
     shuffle: bool = True
-    """Reshuffle the stage's subset every epoch from (run.seed, stage, epoch); false = the
-    subset's own order every epoch (for comparisons and tests)."""
+    """Reshuffle the stage's subset every epoch from (training seed, stage, epoch); false =
+    the subset's own order every epoch (for comparisons and tests)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -551,6 +551,11 @@ class RunConfig:
     (pocl_ray/storage.py; credentials from the environment only)."""
     name: str = "demo"
     seed: int = 0
+    """The data split, the built-in tasks, the demo models; the scores table is made for it."""
+    train_seed: int | None = None
+    """Training randomness only (dropout, each epoch's shuffle, the random curriculum order,
+    on-policy draws); null = run.seed. Varying it reuses the scores table and the starting
+    student: it is what `pocl-ray compare --seeds` varies."""
     storage_path: str | None = None
     """Ray Train/Tune storage, a local folder or a URI (null = <output_dir>/ray)."""
     checkpoint_every: int = 0
@@ -564,6 +569,10 @@ class RunConfig:
     pipeline_runs: list[str] = field(default_factory=lambda: list(PIPELINE_RUNS))
     """`pocl-ray pipeline`: the distillations to run, any of pocl (the configured curriculum),
     kd (plain-KD control) and sft (CE-only control), each at the same compute."""
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
     def problems(self) -> list[str]:
         out = []

@@ -7,7 +7,8 @@ stateful object is `PlateauTracker`, for the optional "advance on convergence" t
 
 The default path:
     plan = stage_table(cfg.curriculum, n=len(table), batch_size=global_batch, loss_alpha=...)
-    order = stage_order(table.rank, table.sample_id, mode=cfg.curriculum.mode, seed=cfg.run.seed)
+    order = stage_order(table.rank, table.sample_id, mode=cfg.curriculum.mode,
+                        seed=cfg.run.training_seed)
     subsets = stage_subsets(order, [p.size for p in plan])
     for g in range(total_steps(plan)):
         pos = position_at(plan, g, lr_policy=..., warmup_steps=..., min_lr_ratio=min_lr / lr)
@@ -50,7 +51,8 @@ class StagePlan:
     size: int
     """Samples in the stage's (cumulative, nested) subset."""
     epochs: int | None
-    """Epochs over the subset (interval_unit epochs), else None."""
+    """Epochs over the subset (interval_unit epochs; mode none: the epochs begun, the last
+    possibly partial), else None."""
     steps: int | None
     """Optimizer steps (interval_unit steps), else None."""
     tau: float
@@ -60,6 +62,9 @@ class StagePlan:
     """ceil(size / global batch): the last, partial batch of an epoch is kept."""
     total_steps: int
     """Optimizer steps in this stage."""
+    samples: int | None = None
+    """Mode none (epochs unit): its sample visits, exactly the curriculum's; the last batch is
+    cut short to end there (`stage_batches`). None: whole epochs / steps as planned."""
 
 
 def _linear(start: float, end: float, s: int, num_stages: int) -> float:
@@ -80,9 +85,10 @@ def stage_table(
     Mode `none` is the compute-matched plain-KD control (pocl-method.md section 9): one stage
     over all n samples at the curriculum's first temperature (taus[0], else tau_min) and
     λ = kd_ratio_end (1.0 in the paper: pure KD, like the paper's KD baselines) and its first
-    α (alphas[0], else loss_alpha), with the curriculum's total sample visits:
-    - unit epochs: round(interval · Σ_s size_s / n) epochs, halves rounded up (paper: 8 · 2.5 =
-      20; the sizes are floors of f_s · n, so the exact value is 19.997 and must round);
+    α (alphas[0], else loss_alpha), with the curriculum's compute:
+    - unit epochs: exactly the curriculum's sample visits, interval · Σ_s size_s: whole epochs
+      over all n, then part of one more (its last batch cut short; paper: 19.997 epochs, the
+      sizes being floors of f_s · n; a tiny run with interval 1 and 4 stages: 2.5 epochs);
     - unit steps: the curriculum's total steps, num_stages · interval.
     """
     if problems := cur.problems():
@@ -121,10 +127,12 @@ def _plain_stage(
 ) -> StagePlan:
     """The single stage of mode `none` (see `stage_table`)."""
     steps_per_epoch = math.ceil(n / batch_size)
+    samples = None
     if cur.interval_unit == "epochs":
-        # round(interval * sum / n) with halves up, in integers so no float error can flip it.
-        epochs = (2 * cur.interval * sum(sizes) + n) // (2 * n)
-        steps, total = None, epochs * steps_per_epoch
+        samples = cur.interval * sum(sizes)
+        full, rest = divmod(samples, n)
+        epochs, steps = full + (rest > 0), None
+        total = full * steps_per_epoch + math.ceil(rest / batch_size)
     else:
         epochs, steps = None, cur.interval * len(sizes)
         total = steps
@@ -139,6 +147,7 @@ def _plain_stage(
         alpha=cur.alphas[0] if cur.alphas else loss_alpha,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
+        samples=samples,
     )
 
 
@@ -254,6 +263,9 @@ def stage_batches(
                 break
             out.append(list(idx[start : start + batch_size]))
         epoch += 1
+    if p.samples is not None:  # mode none: end at exactly the curriculum's sample visits
+        extra = sum(map(len, out)) - p.samples
+        out[-1] = out[-1][: len(out[-1]) - extra]
     return out
 
 

@@ -489,9 +489,9 @@ def results_table(
     return table.astype({"seed": "Int64", "rougeL": "float64", "exact_match": "float64"})
 
 
-def read_results(out_dir: str | Path) -> pd.DataFrame:
-    """results.csv of a run directory (seed as nullable Int64)."""
-    return pd.read_csv(Path(out_dir) / "eval" / RESULTS_FILE, dtype={"seed": "Int64"})
+def read_results(out_dir: str | Path, folder: str = "eval") -> pd.DataFrame:
+    """results.csv of a run directory's `folder` (seed as nullable Int64)."""
+    return pd.read_csv(Path(out_dir) / folder / RESULTS_FILE, dtype={"seed": "Int64"})
 
 
 def read_generations(out_dir: str | Path) -> pd.DataFrame:

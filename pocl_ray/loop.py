@@ -232,7 +232,8 @@ def train_stage(
         hooks.before_step(pos)
         t0 = time.perf_counter()
         step = step_data(k)
-        seed = curriculum.on_policy_seed(cfg.run.seed, pos.global_step, cfg.loss.on_policy_ratio)
+        seed = curriculum.on_policy_seed(cfg.run.training_seed, pos.global_step,
+                                         cfg.loss.on_policy_ratio)  # fmt: skip
         res = train_step(
             model,
             teacher,
@@ -333,14 +334,14 @@ def run_curriculum(
     n = len(examples)
     plan = curriculum.stage_table(cur, n=n, batch_size=opt.batch_size, loss_alpha=cfg.loss.alpha)
     ids = [e.sample_id for e in examples]
-    order = curriculum.stage_order(difficulty_rank, ids, mode=cur.mode, seed=cfg.run.seed)
+    order = curriculum.stage_order(difficulty_rank, ids, mode=cur.mode, seed=cfg.run.training_seed)
     subsets = curriculum.stage_subsets(order, [p.size for p in plan])
     sizes = difficulty.stage_sizes(n, cur.num_stages, cur.fractions)
     buckets = curriculum.difficulty_buckets(difficulty_rank, sizes).tolist()
     eos_ids = tuple(dict.fromkeys([*eos_ids, *models.eos_token_ids(student)]))
     device = next(student.parameters()).device
     training_mode(student, cfg.optim.gradient_checkpointing)
-    seed_training(cfg.run.seed)
+    seed_training(cfg.run.training_seed)
     history: list[dict] = []
 
     def record(pos, res, step, seconds):
@@ -354,7 +355,8 @@ def run_curriculum(
         if p.stage > 0 and curriculum.resets_optimizer(cur.lr_policy):
             optimizer = make_optimizer(student, opt)
         batches = curriculum.stage_batches(
-            p, subsets[p.stage], seed=cfg.run.seed, batch_size=opt.batch_size, shuffle=cur.shuffle
+            p, subsets[p.stage], seed=cfg.run.training_seed, batch_size=opt.batch_size,
+            shuffle=cur.shuffle,
         )
 
         def step_data(k: int, batches=batches) -> Step:

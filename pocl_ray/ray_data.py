@@ -92,6 +92,17 @@ def actor_pool(
         )
 
 
+def section_pool(
+    section: ScoringConfig | EvalConfig, actor: type, constructor: dict[str, Any]
+) -> Callable[[ray.data.Dataset], ray.data.Dataset]:
+    """`actor_pool` sized and placed by config section `section` (scoring or eval)."""
+    return lambda ds: actor_pool(
+        ds, actor, constructor, batch_size=section.batch_size, num_actors=section.num_actors,
+        cpus=section.cpus_per_actor, gpus=section.gpus_per_actor,
+        accelerator_type=section.accelerator_type, resources=section.resources,
+    )  # fmt: skip
+
+
 POOL_ATTEMPTS = 3
 """Pools started in all for one table: after a failure of the cluster (a node lost with an
 actor on it: Ray Data gives up on `ActorUnavailableError`), a new pool answers the blocks
@@ -276,13 +287,7 @@ def score_rows(
     the cache columns as bytes (`scores.decode_cache`)."""
     constructor = {"config": config, "paths": paths, "max_new_tokens": max_new_tokens,
                    "fault": fault}  # fmt: skip
-
-    def pool(ds: ray.data.Dataset) -> ray.data.Dataset:
-        return actor_pool(ds, ScorerActor, constructor, batch_size=sig.batch_size,
-                          num_actors=sig.num_actors, cpus=sig.cpus_per_actor,
-                          gpus=sig.gpus_per_actor, accelerator_type=sig.accelerator_type,
-                          resources=sig.resources)  # fmt: skip
-
+    pool = section_pool(sig, ScorerActor, constructor)
     blocks = scoring_blocks(rows, sig.batch_size)
     return answer_blocks(blocks, pool, key=["sample_id"], what="scoring")
 
@@ -413,14 +418,7 @@ def generate_rows(
     """Answer every row (`generation_rows` plus the prompt-id columns) with every model on
     the pool of `ev` (the config's eval section), in `generation_blocks`: one row per
     (model, row)."""
-    constructor = {"config": config, "model_specs": model_specs}
-
-    def pool(ds: ray.data.Dataset) -> ray.data.Dataset:
-        return actor_pool(ds, GeneratorActor, constructor, batch_size=ev.batch_size,
-                          num_actors=ev.num_actors, cpus=ev.cpus_per_actor,
-                          gpus=ev.gpus_per_actor, accelerator_type=ev.accelerator_type,
-                          resources=ev.resources)  # fmt: skip
-
+    pool = section_pool(ev, GeneratorActor, {"config": config, "model_specs": model_specs})
     blocks = generation_blocks(rows, ev.batch_size)
     return answer_blocks(blocks, pool, key=["set", "index", "seed"], what="eval")
 

@@ -235,6 +235,7 @@ def run_settings(cfg: Config, *, n: int, world_size: int, table_key: dict[str, A
         "n": n,
         "world_size": world_size,
         "seed": cfg.run.seed,
+        "train_seed": cfg.run.training_seed,
         "curriculum": c["curriculum"],
         "loss": c["loss"],
         "optim": {k: v for k, v in c["optim"].items() if k not in RESUME_FREE_OPTIM},
@@ -253,6 +254,7 @@ def settings_changes(old: dict, new: dict) -> list[str]:
     are ignored on both sides."""
     defaults = to_dict(Config())
     filled = json.loads(json.dumps(old))  # a deep copy of plain JSON data
+    filled.setdefault("train_seed", filled.get("seed"))  # before run.train_seed: run.seed
     filled["optim"] = {k: v for k, v in filled.get("optim", {}).items()
                        if k not in RESUME_FREE_OPTIM}  # fmt: skip
     for section in ("curriculum", "loss", "optim"):
@@ -359,12 +361,12 @@ def prepare_distill(
         # student-only signals: scoring never needed the teacher; train or load it now
         artifacts.teacher(cfg, run, tok, artifacts.tokenize(cfg, tok, inputs.train))
     ranks, ids = table.column("difficulty_rank").to_numpy(), table.column("sample_id").to_pylist()
-    order = curriculum.stage_order(ranks, ids, mode=cur.mode, seed=cfg.run.seed)
+    order = curriculum.stage_order(ranks, ids, mode=cur.mode, seed=cfg.run.training_seed)
     datasets = {} if check_only else stage_datasets(
         ray.put(table.drop_columns(["difficulty_rank"])),  # ray: the table, once
         plan,
         curriculum.stage_subsets(order, [p.size for p in plan]),
-        seed=cfg.run.seed,
+        seed=cfg.run.training_seed,
         shuffle=cur.shuffle,
         batch_size=cfg.optim.batch_size,
         world_size=world,
@@ -827,7 +829,7 @@ def train_fn(loop_config: dict) -> None:
     student, teacher = w.load_models()
     restored = _restore(job, student, w.rank)
     if restored is None:
-        seed_training(cfg.run.seed, w.rank)
+        seed_training(cfg.run.training_seed, w.rank)
     # transformers loads in eval mode: dropout must be on, as in the plain loop
     training_mode(student, cfg.optim.gradient_checkpointing)
     model = ray.train.torch.prepare_model(student)  # ray: DDP when world > 1; to device

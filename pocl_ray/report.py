@@ -26,7 +26,7 @@ from pocl_ray import difficulty  # noqa: E402
 from pocl_ray.config import Config  # noqa: E402
 from pocl_ray.evaluation import read_results  # noqa: E402
 from pocl_ray.run_dir import RunDir  # noqa: E402
-from pocl_ray.scores import read_scores  # noqa: E402
+from pocl_ray.scores import format_quality, measurer_quality, read_scores  # noqa: E402
 
 STAGE_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6"]
 
@@ -55,7 +55,8 @@ def plot_difficulty(scores: pd.DataFrame, path: Path) -> Path:
 def plot_agreement(scores: pd.DataFrame, path: Path) -> Path:
     """Box plot of difficulty_rank per true level (built-in tasks), with Spearman's rho."""
     levels = sorted(scores["level"].dropna().unique())
-    rho = scores["difficulty_rank"].rank().corr(scores["level"].rank())
+    signals = [c.removeprefix("rank_") for c in scores.columns if c.startswith("rank_")]
+    quality = measurer_quality(scores, signals)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.boxplot(
         [scores.loc[scores["level"] == lv, "difficulty_rank"] for lv in levels],
@@ -63,7 +64,8 @@ def plot_agreement(scores: pd.DataFrame, path: Path) -> Path:
     )
     ax.set_xlabel("true level of the built-in task (1 = easiest)")
     ax.set_ylabel("measured difficulty rank (1 = easiest)")
-    ax.set_title(f"Measurer vs true difficulty (Spearman rho = {rho:.3f})")
+    ax.set_title("Measurer vs true difficulty, Spearman rho:\n" + format_quality(quality),
+                 fontsize=9)  # fmt: skip
     return _save(fig, path)
 
 
@@ -131,6 +133,29 @@ def plot_eval(results: pd.DataFrame, path: Path) -> Path:
         spread = f"mean +/- sd over {seeds} decoding seeds" if seeds > 1 else "one decoding pass"
         ax.set_title(f"{label}, {spread}\n(one training run per student: not a comparison)")
     axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_comparison(seed_scores: pd.DataFrame, reference: str, path: Path) -> Path:
+    """`pocl-ray compare`: per eval set, each method's mean ROUGE-L over training seeds with
+    ± sd bars and one dot per seed (the spread a single run hides)."""
+    sets = list(dict.fromkeys(seed_scores["set"]))
+    methods = list(dict.fromkeys(seed_scores["method"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(3 + 1.2 * len(methods) * len(sets), 3.8),
+                             squeeze=False)  # fmt: skip
+    for ax, set_name in zip(axes[0], sets):
+        rows = seed_scores[seed_scores["set"] == set_name]
+        for i, method in enumerate(methods):
+            values = rows.loc[rows["method"] == method, "rougeL"].to_numpy()
+            sd = values.std(ddof=1) if len(values) > 1 else 0.0
+            colour = "grey" if method == reference else STAGE_COLOURS[i % len(STAGE_COLOURS)]
+            ax.bar(i, values.mean(), yerr=sd, capsize=4, color=colour, alpha=0.6)
+            ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(set_name)
+        ax.set_ylabel("ROUGE-L (x100)")
+    seeds = seed_scores.groupby("method")["train_seed"].nunique().max()
+    fig.suptitle(f"mean ± sd over {seeds} training seed(s); dots: one student each", fontsize=10)
     return _save(fig, path)
 
 

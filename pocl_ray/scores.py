@@ -159,6 +159,16 @@ def measurer_quality(table: pd.DataFrame, signals: Sequence[str]) -> dict[str, A
     }
 
 
+def format_quality(quality: dict[str, Any]) -> str:
+    """`measurer_quality` in one line: fused, then each signal (n/a = constant)."""
+
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    each = ", ".join(f"{s} {show(v)}" for s, v in quality["signals"].items())
+    return f"fused {show(quality['fused'])} (by signal: {each})"
+
+
 # ---------------------------------------------------------------- the cache codec
 
 

@@ -399,7 +399,7 @@ def comparison(table: pd.DataFrame, metric: str, mode: str) -> list[str]:
         )
     lines.append(
         "  one run per config (no seed spread): not evidence that either beats the other; "
-        "rerun both with several run.seed values (mean ± sd) before saying so"
+        "rerun both with several run.train_seed values (mean ± sd) before saying so"
     )
     return lines
 

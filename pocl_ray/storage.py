@@ -10,7 +10,9 @@ step with the URI through pyarrow's filesystems:
 Ray Train's checkpoints go straight to `<URI>/ray` (Ray writes them through pyarrow itself).
 
 Only changed files move: `.pocl-sync.json` in the mirror records each file's size and time
-on both sides at the last transfer. A push uploads manifests and model configs last, so a
+on both sides at the last transfer. (S3 times have 1-second resolution: a rewrite of the same
+size within the same second by another machine is not seen by a pull; jobs do not do that,
+one writer per file.) A push uploads manifests and model configs last, so a
 reader that finds `manifest.json` or `config.json` finds the files they describe.
 
 Credentials come from the environment only (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an

@@ -17,6 +17,7 @@ from pocl_ray.curriculum import (
     format_plan,
     position_at,
     resets_optimizer,
+    stage_batches,
     stage_order,
     stage_position,
     stage_start_steps,
@@ -94,10 +95,9 @@ def test_none_mode_paper_is_twenty_epochs_over_all_data():
     assert (p.stage, p.size, p.fraction, p.epochs, p.steps) == (0, PAPER_N, 1.0, 20, None)
     assert (p.tau, p.kd_ratio, p.alpha) == (1.0, 1.0, 0.1)
     assert p.steps_per_epoch == 179
-    assert p.total_steps == 20 * 179
-    # Same total sample visits as the curriculum, up to the rounding of sizes.
-    visits = sum(q.epochs * q.size for q in cur_plan)
-    assert abs(p.epochs * p.size - visits) < PAPER_N
+    assert p.total_steps == 20 * 179  # 19.997 epochs: the 20th ends 36 samples early
+    # exactly the curriculum's sample visits
+    assert p.samples == sum(q.epochs * q.size for q in cur_plan) == 228_664
 
 
 def test_none_mode_takes_the_first_stage_temperature_and_alpha_when_listed():
@@ -108,13 +108,19 @@ def test_none_mode_takes_the_first_stage_temperature_and_alpha_when_listed():
     assert (p.tau, p.alpha) == (1.2, 0.1)
 
 
-def test_none_mode_rounds_epochs_half_up():
-    # n = 4, S = 4: sizes 1, 2, 3, 4 → Σ/n = 2.5; interval 1 → 2.5 epochs → 3.
-    (p,) = stage_table(CurriculumConfig(mode="none", interval=1), n=4, batch_size=2)
-    assert p.epochs == 3
-    # n = 5: sizes 1, 2, 3, 5 → 11/5 = 2.2 → 2.
-    (p,) = stage_table(CurriculumConfig(mode="none", interval=1), n=5, batch_size=2)
-    assert p.epochs == 2
+@pytest.mark.parametrize("n, batch", [(4, 2), (5, 2), (112, 8), (113, 7)])
+def test_none_mode_visits_exactly_the_curriculums_samples(n, batch):
+    """Plain KD trains on as many samples as the curriculum, to the sample: whole epochs over
+    all n, then the start of one more, its last batch cut (n = 4: 2.5 epochs, not 3)."""
+    pocl = stage_table(CurriculumConfig(interval=1), n=n, batch_size=batch)
+    (p,) = stage_table(CurriculumConfig(mode="none", interval=1), n=n, batch_size=batch)
+    visits = sum(q.epochs * q.size for q in pocl)
+    batches = stage_batches(p, list(range(n)), seed=0, batch_size=batch)
+    assert len(batches) == p.total_steps and sum(map(len, batches)) == visits == p.samples
+    assert all(len(b) > 0 for b in batches)
+    for q in pocl:  # the curriculum's own stages keep whole epochs
+        got = stage_batches(q, list(range(q.size)), seed=0, batch_size=batch)
+        assert q.samples is None and sum(map(len, got)) == q.epochs * q.size
 
 
 def test_none_mode_steps_unit_matches_curriculum_steps():
@@ -362,11 +368,11 @@ def _naive_positions(plan: list[StagePlan]) -> list[tuple[int, int, int, int]]:
             if p.epochs is not None and epoch == p.epochs:
                 break
             for k, _ in enumerate(range(0, p.size, BATCH)):  # one step per batch start
-                if p.steps is not None and in_stage == p.steps:
+                if in_stage == p.total_steps:  # steps unit, or mode none's partial epoch
                     break
                 out.append((p.stage, epoch, k, in_stage))
                 in_stage += 1
-            if p.steps is not None and in_stage == p.steps:
+            if in_stage == p.total_steps:
                 break
     return out
 

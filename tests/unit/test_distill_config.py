@@ -97,3 +97,21 @@ def test_resume_settings_count_a_key_the_checkpoint_lacks_as_its_default():
     old["optim"]["lr"] = 5.0
     old["optim"]["gradient_checkpointing"] = True
     assert settings_changes(old, new) == [f"optim.lr: 5.0 -> {cfg.optim.lr!r}"]
+
+
+def test_train_seed_varies_training_only_and_old_checkpoints_resume():
+    """run.train_seed changes what a run must resume with, not the scores table; a checkpoint
+    from before the key (no train_seed) is a run.seed run."""
+    from pocl_ray import scores
+    from pocl_ray.ray_train import run_settings, settings_changes
+
+    cfg = Config()
+    seeded = replace(cfg, run=replace(cfg.run, train_seed=7))
+    assert cfg.run.training_seed == 0 and seeded.run.training_seed == 7
+    assert scores.config_hash(seeded) == scores.config_hash(cfg)  # the same table serves both
+    new = run_settings(cfg, n=10, world_size=1, table_key={"t": 1})
+    old = json.loads(json.dumps(new))
+    del old["train_seed"]
+    assert settings_changes(old, new) == []
+    other = run_settings(seeded, n=10, world_size=1, table_key={"t": 1})
+    assert settings_changes(new, other) == ["train_seed: 0 -> 7"]

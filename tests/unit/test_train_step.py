@@ -480,15 +480,15 @@ def test_mode_none_is_one_plain_stage(env, teacher, split64):
     rows = run_curriculum(
         tiny(env, "gpt2"), teacher, split64.examples, split64.ranks, cfg, pad_id=env.pad
     )
-    # budget: round(1 · (32 + 64) / 64) = round(1.5) = 2 epochs of 4 steps
-    assert len(rows) == curriculum.total_steps(plan) == 8
+    # budget: the curriculum's 1 · (32 + 64) = 96 sample visits: 1.5 epochs, 4 + 2 steps
+    assert len(rows) == curriculum.total_steps(plan) == 6
     assert {r["stage"] for r in rows} == {0}
     assert {r["tau"] for r in rows} == {1.5}
     assert {r["kd_ratio"] for r in rows} == {0.9}
-    # every epoch covers all 64 samples
-    for epoch in range(2):
-        got = sum(r["tokens"] for r in rows if r["epoch"] == epoch)
-        assert got == sum(map(response_len, split64.examples))
+    assert plan[0].samples == 96 and {r["epoch"] for r in rows} == {0, 1}
+    # the whole first epoch covers all 64 samples
+    got = sum(r["tokens"] for r in rows if r["epoch"] == 0)
+    assert got == sum(map(response_len, split64.examples))
 
 
 def test_per_stage_lr_restarts_continuous_does_not(env, teacher, split64):
