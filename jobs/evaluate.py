@@ -69,7 +69,7 @@ def _main(cfg: Config, *, force: bool, show_table: bool, folder: str | None) -> 
         if reuse and not force:
             print(f"eval: reusing the results in {run.eval} ({why}); --force re-evaluates")
             if show_table:
-                old = evaluation.read_results(run.root, run.eval.name)
+                old = evaluation.read_results(run.eval.parent, run.eval.name)
                 print(evaluation.format_table(old, ev))
             return run.eval
         # 2. prompts
