@@ -282,6 +282,9 @@ def planned_samples(cfg: Config, n: int, world: int) -> int:
     plan = curriculum.stage_table(cfg.curriculum, n=n, batch_size=batch, loss_alpha=cfg.loss.alpha)
     total = 0
     for p in plan:
+        if p.samples is not None:  # mode none: the curriculum's visits, its last batch cut
+            total += p.samples
+            continue
         epochs, rest = divmod(p.total_steps, p.steps_per_epoch)
         total += epochs * p.size + rest * batch  # a partial epoch never reaches the last batch
     return total
