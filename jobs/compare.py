@@ -26,7 +26,7 @@ import pandas as pd
 
 from jobs import distill, evaluate, runtime, score, sft
 from pocl_ray import compare, evaluation, report, storage
-from pocl_ray.config import Config, ConfigError
+from pocl_ray.config import Config, ConfigError, with_section
 from pocl_ray.run_dir import Locations, RunDir
 
 METHODS = {
@@ -62,11 +62,6 @@ def main(cfg: Config, *, methods: list[str], seeds: int) -> Path:
         return _run(cfg, methods, seeds)
 
 
-def _with(cfg: Config, section: str, **changes) -> Config:
-    return dataclasses.replace(
-        cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)}
-    )
-
 
 def _run(cfg: Config, methods: list[str], seeds: int) -> Path:
     t0, run = time.perf_counter(), RunDir.of(cfg)
@@ -84,9 +79,9 @@ def _run(cfg: Config, methods: list[str], seeds: int) -> Path:
         start = Locations.of(cfg, run).student_init
         specs = [f"start={start}",
                  *(f"{m}{SEP}{k}={p / 'student'}" for (m, k), p in students.items())]  # fmt: skip
-        evaluate.main(_with(cfg, "eval", models=specs), show_table=False,
+        evaluate.main(with_section(cfg, "eval", models=specs), show_table=False,
                       folder=f"{FOLDER}/eval")  # fmt: skip
-    return _write(cfg, run, out, time.perf_counter() - t0)
+    return _write(run, out, time.perf_counter() - t0)
 
 
 def _distil(cfg: Config, method: str, k: int) -> Path:
@@ -96,11 +91,11 @@ def _distil(cfg: Config, method: str, k: int) -> Path:
     if (dest / "student" / "config.json").exists():
         print(f"compare: {method} seed {k}: reusing {dest / 'student'}", flush=True)
         return dest
-    seeded = _with(cfg, "run", name=f"{cfg.run.name}-cmp-{method}-s{k}",
+    seeded = with_section(cfg, "run", name=f"{cfg.run.name}-cmp-{method}-s{k}",
                    train_seed=cfg.run.training_seed + k)  # fmt: skip
     print(f"compare: {method} seed {k}: distilling (run.train_seed={seeded.run.train_seed})",
           flush=True)  # fmt: skip
-    return distill.main(_with(seeded, "curriculum", **METHODS[method]), into=into)
+    return distill.main(with_section(seeded, "curriculum", **METHODS[method]), into=into)
 
 
 def seed_scores(results: pd.DataFrame) -> pd.DataFrame:
@@ -115,7 +110,7 @@ def seed_scores(results: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def _write(cfg: Config, run: RunDir, out: Path, seconds: float) -> Path:
+def _write(run: RunDir, out: Path, seconds: float) -> Path:
     results = evaluation.read_results(run.root, f"{FOLDER}/eval")
     scores = seed_scores(results)
     table = compare.summary(scores)

@@ -14,14 +14,13 @@ Every step reuses its output when it is already there, so re-running is fast.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 from jobs import distill, evaluate, runtime, score, sft
 from pocl_ray import artifacts, evaluation, loop, models, report, storage
-from pocl_ray.config import Config, save_resolved
+from pocl_ray.config import Config, save_resolved, with_section
 from pocl_ray.run_dir import Locations, RunDir
 
 RUNS = {
@@ -32,11 +31,6 @@ RUNS = {
 """Each pipeline run's curriculum changes to the configured config."""
 
 
-def _with(cfg: Config, section: str, **changes) -> Config:
-    return dataclasses.replace(
-        cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)}
-    )
-
 
 def distil_into(cfg: Config, name: str) -> Path:
     """Run jobs.distill for pipeline run `name` with its outputs in run.output_dir/name (the
@@ -46,7 +40,8 @@ def distil_into(cfg: Config, name: str) -> Path:
     if (dest / "student" / "config.json").exists():
         print(f"pipeline: {name}: reusing {dest / 'student'}", flush=True)
         return dest
-    run_cfg = _with(_with(cfg, "curriculum", **RUNS[name]), "run", name=f"{cfg.run.name}-{name}")
+    run_cfg = with_section(cfg, "curriculum", **RUNS[name])
+    run_cfg = with_section(run_cfg, "run", name=f"{cfg.run.name}-{name}")
     cur = run_cfg.curriculum
     print(f"pipeline: {name}: distilling (curriculum.mode={cur.mode}, "
           f"lambda {cur.kd_ratio_start:g}->{cur.kd_ratio_end:g})", flush=True)  # fmt: skip
@@ -80,7 +75,7 @@ def main(cfg: Config) -> Path:
 def _main(cfg: Config) -> Path:
     t0 = time.perf_counter()
     if not storage.is_uri(cfg.run.output_dir):
-        cfg = _with(cfg, "run", output_dir=str(Path(cfg.run.output_dir).resolve()))
+        cfg = with_section(cfg, "run", output_dir=str(Path(cfg.run.output_dir).resolve()))
     run = RunDir.of(cfg)
     save_resolved(cfg, run.root)
     with runtime.ray_session(cpus=cfg.scoring.num_actors * cfg.scoring.cpus_per_actor):
@@ -94,7 +89,7 @@ def _main(cfg: Config) -> Path:
         students = {"start": Path(where.student_init),
                     **{n: run.root / n / "student" for n in names}}  # fmt: skip
         specs = [f"teacher={where.teacher}", *(f"{n}={p}" for n, p in students.items())]
-        evaluate.main(_with(cfg, "eval", models=specs), show_table=False)
+        evaluate.main(with_section(cfg, "eval", models=specs), show_table=False)
     index = report.pipeline_report(cfg, run, names)
     dev_line = dev_losses(cfg, run, students)  # before the table: its log lines stay above it
     print("\n" + evaluation.format_table(evaluation.read_results(run.root), cfg.eval))

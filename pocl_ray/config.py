@@ -892,6 +892,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return from_dict(data, source + (" + overrides" if overrides else ""))
 
 
+def with_section(cfg: Config, section: str, **changes: Any) -> Config:
+    """`cfg` with fields of one section replaced (no re-validation: for code, not users)."""
+    return dataclasses.replace(
+        cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)}
+    )
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
