@@ -7,7 +7,7 @@ from pocl_ray.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = [
-    "data.builtin_size=120",
+    "data.builtin_size=131",  # 108 training rows: the step counts the tests name
     "teacher.hidden_size=32",
     "teacher.num_layers=2",
     "teacher.num_heads=2",
@@ -20,6 +20,8 @@ TINY = [
     "scoring.batch_size=16",
     "eval.max_new_tokens=4",
     "curriculum.interval=1",  # 4 stages of 1 epoch
+    "scoring.signals=[rouge,nll,teacher_nll,kd_gap]",  # every signal's path, not the demo's two
+    "run.pipeline_seeds=1",
 ]
 
 

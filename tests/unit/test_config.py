@@ -117,7 +117,7 @@ def test_demo_yaml_loads():
         for key, value in values.items():
             got = getattr(getattr(cfg, section), key)
             assert got == pytest.approx(value) if isinstance(value, float) else got == value
-    assert cfg.scoring.signals == ["rouge", "nll", "teacher_nll", "kd_gap"]
+    assert cfg.scoring.signals == ["nll", "teacher_nll"]  # the best pair (docs/scoring.md)
     assert isinstance(cfg.sft.lr, float)
     assert cfg.eval.decoding == "greedy" and cfg.eval.seeds == [10]
     assert cfg.loss.scale_by_tau_sq is True
@@ -1037,3 +1037,21 @@ def test_locations_are_absolute_for_local_folders(tmp_path, monkeypatch):
     folder = str(tmp_path / "models" / "teacher")
     assert where.teacher == where.tokenizer == folder  # the teacher's tokenizer
     assert where.student_init == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_pipeline_seeds_are_checked():
+    assert load_config(None, []).run.pipeline_seeds == 1
+    (problem,) = override_problems(["run.pipeline_seeds=0"])
+    assert problem.startswith("run.pipeline_seeds: got 0; use 1 or more")
+
+
+def test_rescore_needs_pocl_a_student_signal_and_train_workers():
+    assert load_config(None, ["curriculum.rescore=true"]).curriculum.rescore
+    (problem,) = override_problems(["curriculum.rescore=true", "curriculum.mode=random"])
+    assert "needs curriculum.mode pocl (got 'random')" in problem
+    (problem,) = override_problems(["curriculum.rescore=true", "scoring.signals=[teacher_nll]"])
+    assert "do not depend on it; add nll, rouge or kd_gap" in problem
+    (problem,) = override_problems(["curriculum.rescore=true", "scoring.scorer=teacher"])
+    assert "scorer 'teacher'" in problem
+    (problem,) = override_problems(["curriculum.rescore=true", "scaling.num_workers=0"])
+    assert "needs scaling.num_workers >= 1" in problem

@@ -1,5 +1,5 @@
-"""The built-in task set: seeded, distinct, every family at every level, correct answers,
-and readable by the core loader."""
+"""The built-in task set: seeded, distinct, every calibrated (family, level, size) cell
+evenly, correct answers, and readable by the core loader."""
 
 import json
 import re
@@ -11,7 +11,8 @@ from pocl_ray import tasks
 from pocl_ray.data import build_prompt, load_records, sample_id
 
 FAMILIES = {"copy", "reverse", "sort", "count", "add"}
-N = 250  # 10 per (family, level) cell
+CELLS = len(tasks.level_cells())
+N = 10 * CELLS  # 10 per (family, level, size) cell
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +40,42 @@ def test_records_are_distinct(records):
     assert len(set(ids)) == N
 
 
-def test_every_family_and_level_evenly(records):
-    cells = Counter((r["category"], r["level"]) for r in records)
-    assert set(cells) == {(f, lvl) for f in FAMILIES for lvl in (1, 2, 3, 4, 5)}
-    assert set(cells.values()) == {N // 25}
+def test_every_cell_evenly(records):
+    cells = Counter((r["category"], r["level"], r["size"]) for r in records)
+    assert set(cells) == set(tasks.level_cells())
+    assert set(cells.values()) == {10}
+    assert {r["category"] for r in records} == FAMILIES
+    assert {r["level"] for r in records} == {1, 2, 3, 4, 5}
     # order is shuffled, not grouped by family
     first = [r["category"] for r in records[:25]]
     assert len(set(first)) > 1
 
 
+def test_levels_are_bands_shared_by_families():
+    """Every level has several families and every family several levels (the calibrated
+    bands of bench/calibrate_tasks.py), and each size has exactly one level in its family."""
+    families_per_level = Counter(lvl for levels in tasks.LEVEL_SIZES.values() for lvl in levels)
+    assert set(families_per_level) == {1, 2, 3, 4, 5}
+    assert min(families_per_level.values()) >= 2
+    assert all(len(levels) >= 2 for levels in tasks.LEVEL_SIZES.values())
+    for family, levels in tasks.LEVEL_SIZES.items():
+        sizes = [s for group in levels.values() for s in group]
+        assert len(sizes) == len(set(sizes)), family
+        assert set(sizes) <= set(tasks.CALIBRATION_SIZES[family]), family
+
+
+def test_grid_cells_cover_every_calibration_size():
+    cells = tasks.grid_cells()
+    assert {(f, s) for f, _, s in cells} == {
+        (f, s) for f, sizes in tasks.CALIBRATION_SIZES.items() for s in sizes
+    }
+    rows = tasks.generate(3 * len(cells), seed=2, cells=cells)
+    assert Counter((r["category"], r["size"]) for r in rows) == {(f, s): 3 for f, _, s in cells}
+
+
 def test_dolly_schema_with_level(records):
     for r in records:
-        assert set(r) == {"instruction", "context", "response", "category", "level"}
+        assert set(r) == {"instruction", "context", "response", "category", "level", "size"}
         assert all(isinstance(r[k], str) for k in ("instruction", "context", "response"))
         assert r["instruction"] and r["context"] and r["response"]
         assert r["category"] in FAMILIES
@@ -88,34 +113,28 @@ def test_answers_are_correct(records):
         assert r["response"] == expected_answer(r), r
 
 
-def test_symbols_and_lengths_by_level(records):
+def test_symbols_and_lengths_by_size(records):
     for r in records:
-        symbols, lvl = r["context"].split(" "), r["level"]
+        symbols, size = r["context"].split(" "), r["size"]
+        assert size in tasks.LEVEL_SIZES[r["category"]][r["level"]]
         if r["category"] in ("copy", "reverse"):
-            assert len(symbols) == lvl + 1
+            assert len(symbols) == size
             assert all(len(s) == 1 and "a" <= s <= "z" for s in symbols)
         elif r["category"] == "sort":
-            assert len(symbols) == lvl + 1
+            assert len(symbols) == size
             assert all(len(s) == 1 and s.isdigit() for s in symbols)
         elif r["category"] == "count":
-            assert len(symbols) == 2 * lvl + 1
+            assert len(symbols) == size
             assert set(symbols) <= set("abcd")
 
 
-def test_add_operands_grow_with_level():
-    """Level 1 is one digit + one digit, level 5 three digits + three digits, and the operands
-    get strictly wider with every level in between."""
+def test_add_operands_have_the_widths_of_their_size():
     recs = [r for r in tasks.generate(1000, seed=0) if r["category"] == "add"]
-    widths: dict[int, set] = {}
     for r in recs:
         a, b = r["context"].split(" + ")
         assert not (len(a) > 1 and a[0] == "0") and not (len(b) > 1 and b[0] == "0")
-        widths.setdefault(r["level"], set()).add((len(a), len(b)))
-    assert widths[1] == {(1, 1)}
-    assert widths[5] == {(3, 3)}
-    assert all(len(w) == 1 for w in widths.values()), widths  # one width pair per level
-    totals = [sum(next(iter(widths[lvl]))) for lvl in (1, 2, 3, 4, 5)]
-    assert all(x < y for x, y in zip(totals, totals[1:])), widths
+        assert (len(a), len(b)) == tasks.ADD_WIDTHS[r["size"]]
+    assert {r["size"] for r in recs} == {s for g in tasks.LEVEL_SIZES["add"].values() for s in g}
 
 
 def test_write_jsonl_then_load_records(records, tmp_path):
@@ -130,7 +149,8 @@ def test_write_jsonl_then_load_records(records, tmp_path):
         assert rec.instruction == raw["instruction"]
         assert rec.input == raw["context"]
         assert rec.references == (raw["response"],)
-        assert rec.extra == {"category": raw["category"], "level": raw["level"]}
+        assert rec.extra == {"category": raw["category"], "level": raw["level"],
+                             "size": raw["size"]}  # fmt: skip
         assert rec.prompt == build_prompt(raw["instruction"], raw["context"])
     # strict mode accepts them too
     assert load_records(path).n_accepted == N
@@ -144,9 +164,8 @@ def test_write_jsonl_keeps_unicode(tmp_path):
 
 
 def test_asking_for_more_distinct_tasks_than_exist_raises(monkeypatch):
-    # one family at one level: 8 letters, 2 positions -> exactly 64 distinct items
-    monkeypatch.setattr(tasks, "FAMILIES", {"copy": tasks._copy})
-    monkeypatch.setattr(tasks, "LEVELS", (1,))
+    # one family at one size: 8 letters, 2 positions -> exactly 64 distinct items
+    monkeypatch.setattr(tasks, "LEVEL_SIZES", {"copy": {1: (2,)}})
     assert len(tasks.generate(64)) == 64
     with pytest.raises(ValueError, match="only 64 distinct"):
         tasks.generate(65)
