@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue an interrupted search")
         if name == "compare":
             s.add_argument("--methods", default="kd,pocl",
-                           help="comma list of kd, pocl, random, anti, sft (kd always runs)")
+                           help="comma list of kd, pocl, random, anti, sft, pocl_rescore "
+                                "(kd always runs)")
             s.add_argument("--seeds", type=int, default=3, help="training seeds per method")
         if name == "sft":
             s.add_argument(
@@ -106,12 +107,19 @@ def _report(args: argparse.Namespace) -> None:
 
 def _report_in(run: Path, where: str) -> None:
     """The report of run directory `where`, worked on in `run` (itself, or its mirror)."""
-    if (run / "pocl" / "metrics.jsonl").exists():  # written by `pocl-ray pipeline` / `demo`
-        from pocl_ray.report import RUN_LABELS, pipeline_report
+    from pocl_ray.report import pipeline_report
+
+    if (run / "pocl" / "metrics.jsonl").exists() and not (run / "compare").exists():
+        raise SystemExit(f"report: {where} holds an older pipeline's runs (pocl/, kd/, sft/, one "
+                         "training seed each); rerun `pocl-ray pipeline` with its config.yaml: "
+                         "it reuses the teacher and scores and trains into compare/")
+    if (run / "compare" / "seed_scores.csv").exists():  # pipeline, demo or compare
+        import pandas as pd
+
         from pocl_ray.run_dir import RunDir
 
         cfg = load_config(run / "config.yaml", [f"run.output_dir={where}"])
-        names = [n for n in RUN_LABELS if (run / n / "metrics.jsonl").exists()]
+        names = list(dict.fromkeys(pd.read_csv(run / "compare" / "seed_scores.csv")["method"]))
         index = pipeline_report(cfg, RunDir(run), names)
     else:  # written by `pocl-ray demo --plain`
         from pocl_ray.plain import report_plain

@@ -20,7 +20,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pocl_ray.config import Config
 
 log = logging.getLogger("pocl_ray.ray")
 
@@ -357,3 +360,28 @@ def ray_version() -> str:
     import ray
 
     return ray.__version__
+
+
+def scoring_budget(cfg: Config, scorer: str) -> int:
+    """The ROUGE answers' new tokens (`evaluation.answer_budget`), with a notice if clamped
+    (the scoring job's, and a rescore round's)."""
+    from pocl_ray import evaluation  # torch: not at import time
+
+    sig = cfg.scoring
+    if "rouge" not in sig.signals:
+        return sig.max_new_tokens
+    remote = (cfg.teacher if sig.scorer == "teacher" else cfg.student).trust_remote_code
+    try:
+        budget, positions = evaluation.answer_budget(
+            scorer,
+            max_new_tokens=sig.max_new_tokens,
+            max_prompt_length=cfg.data.max_prompt_length,
+            trust_remote_code=remote,
+        )
+    except ValueError as e:
+        raise JobError(f"scoring: the scorer {scorer}: {e}") from e
+    if budget < sig.max_new_tokens:
+        print(f"scores: scoring.max_new_tokens={sig.max_new_tokens} clamped to {budget}: the "
+              f"scorer has {positions} positions and prompts may be data.max_prompt_length="
+              f"{cfg.data.max_prompt_length} tokens", flush=True)  # fmt: skip
+    return budget

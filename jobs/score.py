@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from jobs import runtime
 from pocl_ray import artifacts, scores, storage
 from pocl_ray.config import Config, save_resolved, to_dict
-from pocl_ray.evaluation import answer_budget
 from pocl_ray.run_dir import (
     Locations,
     RunDir,
@@ -101,7 +100,7 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
 
     # 4. score on the actor pool
     t0 = time.perf_counter()
-    budget = _budget(cfg, paths["scorer"])
+    budget = runtime.scoring_budget(cfg, paths["scorer"])
     rows = ray_data.example_rows(train_ex, [r.references for r in inputs.train])
     scored = ray_data.score_rows(
         rows,
@@ -142,25 +141,3 @@ def _run(cfg: Config, *, force: bool, fault: dict[str, Any] | None) -> Path:
     if quality is not None:  # built-in tasks: how well each signal orders the true levels
         print(f"scores: Spearman rho with the true level: {scores.format_quality(quality)}")
     return run.scores
-
-
-def _budget(cfg: Config, scorer: str) -> int:
-    """The ROUGE answers' new tokens (`evaluation.answer_budget`), with a notice if clamped."""
-    sig = cfg.scoring
-    if "rouge" not in sig.signals:
-        return sig.max_new_tokens
-    remote = (cfg.teacher if sig.scorer == "teacher" else cfg.student).trust_remote_code
-    try:
-        budget, positions = answer_budget(
-            scorer,
-            max_new_tokens=sig.max_new_tokens,
-            max_prompt_length=cfg.data.max_prompt_length,
-            trust_remote_code=remote,
-        )
-    except ValueError as e:
-        raise runtime.JobError(f"scoring: the scorer {scorer}: {e}") from e
-    if budget < sig.max_new_tokens:
-        print(f"scores: scoring.max_new_tokens={sig.max_new_tokens} clamped to {budget}: the "
-              f"scorer has {positions} positions and prompts may be data.max_prompt_length="
-              f"{cfg.data.max_prompt_length} tokens", flush=True)  # fmt: skip
-    return budget

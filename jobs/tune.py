@@ -125,6 +125,11 @@ def _problems(cfg: Config) -> list[str]:
     if cfg.scaling.num_workers == 0:
         out.append("scaling.num_workers: got 0; Train local mode cannot run inside a Tune trial "
                    "(Ray refuses ray.train calls in a Tune session): use >= 1")  # fmt: skip
+    if cfg.curriculum.rescore:
+        out.append("curriculum.rescore: true is not searched yet (a trial trains its stages in "
+                   "one run, with no scoring rounds between them); set it false for the "
+                   "search and compare it after with `pocl-ray compare --methods "
+                   "pocl,pocl_rescore`")  # fmt: skip
     for key in ("output_dir", "storage_path"):
         if storage.is_uri(getattr(cfg.run, key)):
             out.append(f"run.{key}: a search does not run on object storage yet (its trials "

@@ -27,6 +27,12 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 lower entry's (a little wider: conservative), above 30 the value at 30."""
 
 
+REFERENCE = "kd"
+"""The method every other is paired with (plain KD), when it runs."""
+SEP = ".seed"
+"""Evaluated students are named `<method>.seed<k>`."""
+
+
 def t_quantile(df: int) -> float:
     """The 97.5 % quantile of t with `df` degrees of freedom (conservative between table
     entries)."""

@@ -264,6 +264,10 @@ class CurriculumConfig:
     shuffle: bool = True
     """Reshuffle the stage's subset every epoch from (training seed, stage, epoch); false =
     the subset's own order every epoch (for comparisons and tests)."""
+    rescore: bool = False
+    """At each stage boundary, score the samples no stage has used yet with the current
+    student (the scoring job's signals and actors) and re-rank them; the samples already
+    used stay, so the stages stay nested. Mode pocl only (docs/distill.md)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -569,6 +573,9 @@ class RunConfig:
     pipeline_runs: list[str] = field(default_factory=lambda: list(PIPELINE_RUNS))
     """`pocl-ray pipeline`: the distillations to run, any of pocl (the configured curriculum),
     kd (plain-KD control) and sft (CE-only control), each at the same compute."""
+    pipeline_seeds: int = 1
+    """`pocl-ray pipeline`: training seeds per distillation (as `pocl-ray compare --seeds`);
+    with 2 or more the table gives mean ± sd and paired intervals against kd."""
 
     @property
     def training_seed(self) -> int:
@@ -580,6 +587,9 @@ class RunConfig:
         if not runs or len(set(runs)) != len(runs) or set(runs) - set(PIPELINE_RUNS):
             out.append(f"run.pipeline_runs: got {runs}; give one or more of "
                        f"{list(PIPELINE_RUNS)}, each once")  # fmt: skip
+        if self.pipeline_seeds < 1:
+            out.append(f"run.pipeline_seeds: got {self.pipeline_seeds}; use 1 or more "
+                       "(3 or more for an interval)")  # fmt: skip
         if not self.output_dir:
             out.append("run.output_dir: empty; give a directory")
         out += _location_problems("run.output_dir", self.output_dir)
@@ -628,6 +638,7 @@ class Config:
                 f"curriculum.alphas: set, but loss.kind is {self.loss.kind!r}; "
                 "alphas only apply to skl / srkl"
             )
+        out += _rescore_problems(self)
         if self.scoring.scorer == "teacher" and "kd_gap" in self.scoring.signals:
             out.append(
                 "scoring.signals: kd_gap with scoring.scorer 'teacher' compares the teacher "
@@ -657,6 +668,27 @@ class Config:
                     "scoring.cache_taus to cover them and rescore, or narrow the temperatures"
                 )
         return out
+
+
+def _rescore_problems(cfg: Config) -> list[str]:
+    """curriculum.rescore needs a curriculum to re-rank, a student-based signal to change and
+    the stage-end checkpoints that each round continues from."""
+    if not cfg.curriculum.rescore:
+        return []
+    out = []
+    if cfg.curriculum.mode != "pocl":
+        out.append(f"curriculum.rescore: true needs curriculum.mode pocl (got "
+                   f"{cfg.curriculum.mode!r}); it re-ranks the easy-to-hard order")  # fmt: skip
+    student_signals = [s for s in cfg.scoring.signals if s in ("rouge", "nll", "kd_gap")]
+    if cfg.scoring.scorer != "student" or not student_signals:
+        out.append("curriculum.rescore: true re-scores with the current student, but the "
+                   f"signals {cfg.scoring.signals} (scorer {cfg.scoring.scorer!r}) do not "
+                   "depend on it; add nll, rouge or kd_gap with scoring.scorer=student")
+    if cfg.scaling.num_workers == 0:
+        out.append("curriculum.rescore: true needs scaling.num_workers >= 1: each round "
+                   "continues from the stage-end checkpoint, which Train local mode does not "
+                   "keep")  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------- building from plain data

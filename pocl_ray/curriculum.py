@@ -233,6 +233,24 @@ def stage_subsets(order: Sequence[int], sizes: Sequence[int]) -> list[list[int]]
     return [list(order[:k]) for k in sizes]
 
 
+def rescored_order(
+    order: Sequence[int], sizes: Sequence[int], rounds: Sequence[Sequence[int]]
+) -> list[int]:
+    """`order` after re-ranking rounds (`curriculum.rescore`). Round r (1-based, made after
+    stage r - 1) lists the rows outside stage r - 1 easiest first; the first sizes[r - 1] rows
+    stay where they are, so every stage still contains the one before it."""
+    out = list(order)
+    for r, reranked in enumerate(rounds, start=1):
+        kept = sizes[r - 1]
+        if sorted(reranked) != sorted(out[kept:]):
+            raise ValueError(
+                f"rescore round {r}: it ranks {len(reranked)} rows, but the rows after stage "
+                f"{r - 1} are {len(out) - kept} others; the round belongs to another run"
+            )
+        out = out[:kept] + list(reranked)
+    return out
+
+
 def epoch_order(
     subset: Sequence[int], *, seed: int, stage: int, epoch: int, shuffle: bool = True
 ) -> list[int]:

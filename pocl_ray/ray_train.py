@@ -315,6 +315,7 @@ def prepare_distill(
     dev_metric: str | None = None,
     fault: dict | None = None,
     check_only: bool = False,
+    rounds: Sequence[Sequence[str]] = (),
 ) -> DistillSetup:
     """Check the scores table against this run, build the plan and one dataset per (stage,
     rank). The distill job and every Tune trial start here.
@@ -326,6 +327,8 @@ def prepare_distill(
     fault: tests only (`_maybe_fault`).
     check_only: check the inputs and the plan, build no dataset (a search's driver, once for
         all trials, before any starts).
+    rounds: `curriculum.rescore`: the sample ids of each re-ranking round so far, easiest
+        first (`rescore.read_rounds`); they reorder the samples after each stage.
     Raises SetupError when the table or the data does not fit the run.
     """
     run = RunDir.of(cfg)
@@ -362,6 +365,14 @@ def prepare_distill(
         artifacts.teacher(cfg, run, tok, artifacts.tokenize(cfg, tok, inputs.train))
     ranks, ids = table.column("difficulty_rank").to_numpy(), table.column("sample_id").to_pylist()
     order = curriculum.stage_order(ranks, ids, mode=cur.mode, seed=cfg.run.training_seed)
+    if rounds:
+        row = {sample_id: i for i, sample_id in enumerate(ids)}
+        sizes = [p.size for p in plan]
+        try:
+            order = curriculum.rescored_order(order, sizes, [[row[i] for i in r] for r in rounds])
+        except (KeyError, ValueError) as e:
+            raise SetupError(f"{out / 'rescore'}: {e}; delete that folder and the run's "
+                             "checkpoints to start the run again") from e  # fmt: skip
     datasets = {} if check_only else stage_datasets(
         ray.put(table.drop_columns(["difficulty_rank"])),  # ray: the table, once
         plan,
@@ -400,6 +411,10 @@ def prepare_distill(
         "fault": fault,
         "local_mode": cfg.scaling.num_workers == 0,
         "out": str(out),
+        # curriculum.rescore: the order (the driver scores its tail), the stage this fit ends
+        "order_ids": [ids[i] for i in order] if cur.rescore else None,
+        "stop_after": None,
+        "continues": None,  # curriculum.rescore: why this fit starts from a stage end
         "dev_metric": dev_metric,
         "dev_references": references,
     }
@@ -747,7 +762,9 @@ class Worker:
             resume_step=self.global_step if state else None,
             num_stages=len(self.plan),
         )
-        if state:
+        if state and self.job.get("continues"):  # a planned stop, not a failure
+            self.log.event("continue", after=self.job["continues"], position=self.position)
+        elif state:
             self.log.event("resume", position=self.position, checkpoint=state["checkpoint"],
                            world_size=self.world)  # fmt: skip
         else:
@@ -908,6 +925,10 @@ def train_fn(loop_config: dict) -> None:
         # the next stage starts here (a plateau in the last stage ends training, as planned)
         save(stage + 1, 0, StageProgress(num_buckets=job["num_buckets"]), None, lr=None,
              loss=w.summaries[-1]["loss"])  # fmt: skip
+        if stage == job.get("stop_after") and stage + 1 < len(w.plan):
+            if w.rank == 0:  # curriculum.rescore: the driver scores the rest with it
+                _save_for_rescore(cfg, job, student, stage)
+            return
 
     # 3. save: the student as a Hugging Face folder, the summary
     if w.rank == 0:
@@ -932,6 +953,16 @@ def _maybe_fault(fault: dict | None, step: int, rank: int) -> None:
         return
     marker.write_text(f"worker pid {os.getpid()} exited at global step {step}\n")
     os._exit(1)
+
+
+def _save_for_rescore(cfg: Config, job: dict, student, stage: int) -> None:
+    """Rank 0, at the end of `stage` of a rescore run: the student as it is now, for the
+    driver's re-scoring round (`rescore.student_folder`)."""
+    from pocl_ray import rescore
+
+    tok = models.load_tokenizer(job["tokenizer"], trust_remote_code=cfg.teacher.trust_remote_code)
+    models.save_model(student, tok, rescore.student_folder(job["out"], stage))
+    storage.push_run(cfg.run.output_dir)
 
 
 def _finish(cfg: Config, job: dict, student, w: Worker) -> None:

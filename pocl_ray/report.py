@@ -110,10 +110,11 @@ def plot_loss(runs: Mapping[str, pd.DataFrame], path: Path, window: int = 20) ->
     return _save(fig, path)
 
 
-def plot_eval(results: pd.DataFrame, path: Path) -> Path:
+def plot_eval(results: pd.DataFrame, path: Path, spread: str = "decoding seeds") -> Path:
     """Bars of mean ± sd per model × eval set for ROUGE-L and exact match.
 
-    `results` has one row per model × set × seed with columns model, set, rougeL, exact_match.
+    `results` has one row per model × set × seed with columns model, set, rougeL, exact_match;
+    `spread` names what the seeds are (decoding seeds, or training seeds).
     """
     agg = results.groupby(["set", "model"])[["rougeL", "exact_match"]].agg(["mean", "std"])
     agg = agg.fillna(0.0)
@@ -130,8 +131,9 @@ def plot_eval(results: pd.DataFrame, path: Path) -> Path:
             ax.bar(xs, means, width, yerr=sds if seeds > 1 else None, capsize=3, label=model)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
         ax.set_ylabel(f"{label} (x100)")
-        spread = f"mean +/- sd over {seeds} decoding seeds" if seeds > 1 else "one decoding pass"
-        ax.set_title(f"{label}, {spread}\n(one training run per student: not a comparison)")
+        over = f"mean +/- sd over up to {seeds} {spread}" if seeds > 1 else "one run each"
+        caveat = "(one training run per student: not a comparison)"
+        ax.set_title(f"{label}, {over}" + (f"\n{caveat}" if spread == "decoding seeds" else ""))
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 
@@ -181,8 +183,12 @@ def build_report(
     runs: Mapping[str, pd.DataFrame],
     results: pd.DataFrame | None,
     schedule_run: str,
+    extra: Sequence[tuple[str, Path]] = (),
+    spread: str = "decoding seeds",
 ) -> Path:
-    """Write every figure that the inputs allow, and index.html; returns the index path."""
+    """Write every figure that the inputs allow, and index.html; returns the index path.
+    `extra`: figures made already (title, path in out_dir); `spread`: what the rows of one
+    model in `results` differ by."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = [("Difficulty by stage", plot_difficulty(scores, out / "difficulty.png"))]
@@ -194,10 +200,10 @@ def build_report(
     figs.append(("Training loss", plot_loss(runs, out / "loss.png")))
     table = ""
     if results is not None:
-        figs.append(("Evaluation", plot_eval(results, out / "eval.png")))
+        figs.append(("Evaluation", plot_eval(results, out / "eval.png", spread)))
         summary = results.groupby(["model", "set"], sort=False)[["rougeL", "exact_match"]]
         table = summary.agg(["mean", "std"]).round(2).to_html()
-    return write_index(out, figs, table)
+    return write_index(out, [*extra, *figs], table)
 
 
 def plot_search(
@@ -261,18 +267,25 @@ RUN_LABELS = {  # the pipeline's runs (jobs/pipeline.py), in report order
 
 
 def pipeline_report(cfg: Config, run: RunDir, names: Sequence[str]) -> Path:
-    """(Re)build `<run>/report/` of a pipeline run: the scores table, the metrics of the runs
-    `names` (`<run>/<name>/metrics.jsonl`) and the evaluation results."""
+    """(Re)build `<run>/report/` of a pipeline run: the scores table, the metrics of the
+    runs `names` (training seed 0 of each: `<run>/compare/<name>/seed0/metrics.jsonl`), the
+    evaluation (`compare/eval/`; `<name>.seed<k>` rows pooled per name, so the table and bars
+    are mean ± sd over training seeds) and the comparison figure."""
     table = read_scores(run)
     cur = cfg.curriculum
     sizes = difficulty.stage_sizes(len(table), cur.num_stages, cur.fractions)
-    runs = {RUN_LABELS.get(n, n): pd.read_json(run.root / n / "metrics.jsonl", lines=True)
-            for n in names}  # fmt: skip
-    results = read_results(run.root)
-    per_seed = results[results["stat"] == "seed"]
-    if per_seed.empty:  # greedy decoding: one pass, only mean rows
-        per_seed = results[results["stat"] == "mean"]
-    index = build_report(run.report, scores=table, sizes=sizes, runs=runs, results=per_seed,
-                         schedule_run=RUN_LABELS.get(names[0], names[0]))  # fmt: skip
+    runs = {RUN_LABELS.get(n, n): pd.read_json(run.root / "compare" / n / "seed0" / "metrics.jsonl",
+                                               lines=True) for n in names}  # fmt: skip
+    results = read_results(run.root, "compare/eval")
+    results = results[results["stat"] == "mean"].copy()
+    results["model"] = results["model"].str.split(".seed", regex=False).str[0]
+    per_seed = pd.read_csv(run.root / "compare" / "seed_scores.csv")
+    reference = "kd" if "kd" in names else names[0]
+    run.report.mkdir(parents=True, exist_ok=True)
+    extra = [("Comparison over training seeds",
+              plot_comparison(per_seed, reference, run.report / "comparison.png"))]  # fmt: skip
+    index = build_report(run.report, scores=table, sizes=sizes, runs=runs, results=results,
+                         schedule_run=RUN_LABELS.get(names[0], names[0]), extra=extra,
+                         spread="training seeds")  # fmt: skip
     link_search(run)  # a search in this run directory keeps its section
     return index

@@ -387,3 +387,55 @@ def test_rerunning_the_same_name_resumes_instead_of_restarting(scored, tmp_path,
     assert "already complete" in capsys.readouterr().out
     with pytest.raises(runtime.JobError, match=r"optim.lr: 0.002 -> 0.001"):
         distill.main(tiny_cfg(out, "scaling.num_workers=1", "optim.lr=1e-3"))
+
+
+@pytest.mark.timeout(400)
+def test_rescore_reranks_the_rest_at_each_stage_and_resumes_on_the_same_stages(
+    scored, tmp_path, capsys
+):
+    """curriculum.rescore: after each stage the samples not used yet are scored with the
+    student as it is then and re-ranked; used samples stay (nested stages). An interrupted
+    run reuses the rounds on disk, so it trains on the same stages."""
+    import pandas as pd
+
+    from pocl_ray import rescore
+
+    out = copy_run(scored, tmp_path)
+    cfg = tiny_cfg(out, "scaling.num_workers=1", "curriculum.rescore=true",
+                   "run.max_failures=0", "run.keep_checkpoints=null")  # fmt: skip
+    # stages take steps 0-1, 2-5, 6-11, 12-18: the fault hits stage 3 after rounds 1 and 2
+    with pytest.raises(runtime.JobError, match="run the same command again"):
+        distill.main(cfg, fault={"step": 8, "marker": str(tmp_path / "killed")})
+    paths = [rescore.round_path(out, r) for r in (1, 2, 3)]
+    assert paths[0].exists() and paths[1].exists() and not paths[2].exists()
+    stamps = [p.stat().st_mtime_ns for p in paths[:2]]
+    first = capsys.readouterr().out
+    assert "rescore round 1:" in first and "rescore round 2:" in first
+
+    distill.main(cfg)  # the same command again
+    printed = capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in paths[:2]] == stamps  # reused, not rescored
+    assert "rescore round 3:" in printed and "rescore round 1:" not in printed
+    assert sorted(r["step"] for r in metrics(out)) == list(range(19))
+    assert len(events(out, "resume")) == 1 and len(events(out, "continue")) == 2 + 1
+
+    # nested stages: round r ranks exactly the samples outside stage r - 1
+    table = tiny.read_scores(out)
+    sizes = [p.size for p in plan_of(cfg, len(table))]
+    order = table.sort_values(["difficulty_rank", "sample_id"])["sample_id"].tolist()
+    moved = 0
+    for r, path in enumerate(paths, start=1):
+        got = pd.read_parquet(path)
+        assert sorted(got["sample_id"]) == sorted(order[sizes[r - 1]:])
+        assert got["difficulty_rank"].tolist() == list(range(1, len(got) + 1))  # easiest first
+        moved += got["sample_id"].tolist() != order[sizes[r - 1]:]
+        order = order[: sizes[r - 1]] + got["sample_id"].tolist()
+        # the student's signals changed with training; the teacher's did not
+        merged = got.merge(table, on="sample_id", suffixes=("", "_start"))
+        assert not np.allclose(merged["nll"], merged["nll_start"])
+        np.testing.assert_allclose(merged["teacher_nll"], merged["teacher_nll_start"], rtol=1e-5)
+    assert moved >= 1, "no round changed the order: the test proved nothing"
+    # stage 1 trained on the scores table's order, as plain pocl; later stages on the rounds'
+    rows, ref = metrics(out), plain_history(out, tiny_cfg(out, "scaling.num_workers=1"))
+    same_steps(rows[:2], ref[:2], rtol=1e-5)
+    assert [r["loss"] for r in rows[2:]] != [h["loss"] for h in ref[2:]]

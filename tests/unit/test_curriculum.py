@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pocl_ray import curriculum
 from pocl_ray.config import CurriculumConfig
 from pocl_ray.curriculum import (
     PlateauTracker,
@@ -484,3 +485,23 @@ def test_module_does_not_import_ray():
     code = "import sys, pocl_ray.curriculum; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rescored_order_keeps_used_samples_and_reorders_the_rest():
+    order = list(range(10))  # rows easiest first by the scores table
+    sizes = [2, 5, 7, 10]
+    got = curriculum.rescored_order(order, sizes, [[9, 8, 7, 6, 5, 4, 3, 2], [4, 3, 6, 5, 2]])
+    # round 1 (after stage 1) keeps rows 0, 1; round 2 (after stage 2) keeps the first five
+    assert got == [0, 1, 9, 8, 7, 4, 3, 6, 5, 2]
+    stages = curriculum.stage_subsets(got, sizes)
+    assert all(set(a) <= set(b) for a, b in zip(stages, stages[1:]))  # nested
+    assert sorted(got) == order
+    assert curriculum.rescored_order(order, sizes, []) == order
+
+
+def test_a_round_for_other_rows_is_refused():
+    with pytest.raises(ValueError, match="rescore round 1: it ranks 3 rows, but the rows after "
+                                         "stage 0 are 8 others"):  # fmt: skip
+        curriculum.rescored_order(list(range(10)), [2, 5, 7, 10], [[2, 3, 4]])
+    with pytest.raises(ValueError, match="round 1"):
+        curriculum.rescored_order(list(range(10)), [2, 5, 7, 10], [[0, 2, 3, 4, 5, 6, 7, 8]])
