@@ -126,13 +126,15 @@ def _train_rescored(cfg: Config, out: Path, fault, setup, latest: dict | None) -
     between them a scoring round re-ranks the samples not used yet (`_rescore_round`).
     Rounds already on disk are reused, so an interrupted run resumes on the same stages."""
     stages = len(setup.plan)
-    continues = None
+    trained = False  # the first fit of a command that finds a checkpoint is a resume
     for stage in range(stages):
         done = latest is not None and (latest["position"]["done"]
                                        or latest["position"]["stage"] > stage)  # fmt: skip
         if not done:
             print(f"distill: rescore: training stage {stage + 1} of {stages}", flush=True)
+            continues = f"rescore round {stage}" if trained else None
             _fit(cfg, setup, stop_after=stage, continues=continues)
+            trained = True
             if storage.is_uri(cfg.run.output_dir):  # rank 0 saved the student on its node
                 storage.pull(cfg.run.output_dir, RunDir.of(cfg).root)
         if stage + 1 == stages:
@@ -141,7 +143,6 @@ def _train_rescored(cfg: Config, out: Path, fault, setup, latest: dict | None) -
         if len(rounds) < stage + 1:
             rounds.append(_rescore_round(cfg, out, setup, rounds, stage))
         setup, latest = _setup(cfg, out, fault, rounds)
-        continues = f"rescore round {stage + 1}"
 
 
 def _rescore_round(cfg: Config, out: Path, setup, rounds: list[list[str]], stage: int) -> list[str]:

@@ -18,7 +18,7 @@ from tests.tiny import tiny_cfg
 
 @pytest.mark.timeout(900)
 def test_pipeline_end_to_end_then_reuses_everything(ray_local, tmp_path, capsys, monkeypatch):
-    cfg = tiny_cfg(tmp_path, "run.pipeline_seeds=2")
+    cfg = tiny_cfg(tmp_path, "run.pipeline_seeds=2", "run.pipeline_runs=[pocl,kd,sft]")
     index = pipeline.main(cfg)
     first = capsys.readouterr().out
     cmp = "compare"
