@@ -168,10 +168,14 @@ def _rescore_round(cfg: Config, out: Path, setup, rounds: list[list[str]], stage
         raise runtime.JobError(f"rescore round {stage + 1}: {len(scored)} rows came back for "
                                f"{len(todo)} samples; nothing was written")  # fmt: skip
     ids = rescore.write_round(out, stage + 1, scored, sig.signals, sig.fusion_k)
-    moved = sum(a != b for a, b in zip(ids, todo))
+    before = {sample_id: i for i, sample_id in enumerate(todo)}
+    rho = scores.spearman([before[i] for i in ids], range(len(ids)))
+    k = sizes[stage + 1] - sizes[stage]  # the samples the next stage adds
+    swapped = len(set(ids[:k]) - set(todo[:k]))
     print(f"distill: rescore round {stage + 1}: {len(todo)} samples not used yet scored with "
-          f"the student after stage {stage + 1} in {time.perf_counter() - t0:.1f} s; {moved} "
-          f"changed place -> {rescore.round_path(out, stage + 1)}", flush=True)  # fmt: skip
+          f"the student after stage {stage + 1} in {time.perf_counter() - t0:.1f} s; Spearman "
+          f"{rho:.2f} with the previous order; {swapped} of the {k} samples stage {stage + 2} "
+          f"adds changed -> {rescore.round_path(out, stage + 1)}", flush=True)  # fmt: skip
     return ids
 
 
