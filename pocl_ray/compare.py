@@ -99,7 +99,8 @@ def format_table(table: pd.DataFrame, pairs: list[Paired], reference: str, metri
     against the reference with its interval and verdict."""
     lines = [f"{metric} x100, mean ± sd over training seeds:"]
     sets = list(dict.fromkeys(table["set"]))
-    lines.append("method".ljust(10) + "".join(s.rjust(22) for s in sets))
+    width = max([10, *(len(str(m)) + 2 for m in table["method"])])
+    lines.append("method".ljust(width) + "".join(s.rjust(22) for s in sets))
     for method, rows in table.groupby("method", sort=False):
         cells = []
         for s in sets:
@@ -110,10 +111,11 @@ def format_table(table: pd.DataFrame, pairs: list[Paired], reference: str, metri
             r = row.iloc[0]
             sd = "n/a" if math.isnan(r["sd"]) else f"{r['sd']:.2f}"
             cells.append(f"{r['mean']:.2f} ± {sd} (n={int(r['seeds'])})".rjust(22))
-        lines.append(str(method).ljust(10) + "".join(cells))
+        lines.append(str(method).ljust(width) + "".join(cells))
     lines.append(f"\npaired differences against {reference} (same training seed), 95 % t-interval:")
     for p in pairs:
         interval = "n/a" if math.isnan(p.low) else f"[{p.low:+.2f}, {p.high:+.2f}]"
-        lines.append(f"  {p.method:<8} {p.set:<12} {p.mean:+.2f} {interval} over {p.n} seed(s): "
+        name = p.method.ljust(width - 2)
+        lines.append(f"  {name} {p.set:<12} {p.mean:+.2f} {interval} over {p.n} seed(s): "
                      f"{p.verdict}")  # fmt: skip
     return "\n".join(lines)
