@@ -131,7 +131,7 @@ def plot_eval(results: pd.DataFrame, path: Path, spread: str = "decoding seeds")
             ax.bar(xs, means, width, yerr=sds if seeds > 1 else None, capsize=3, label=model)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
         ax.set_ylabel(f"{label} (x100)")
-        over = f"mean +/- sd over up to {seeds} {spread}" if seeds > 1 else "one run each"
+        over = f"mean +/- sd, {seeds} {spread}" if seeds > 1 else "one run each"
         caveat = "(one training run per student: not a comparison)"
         ax.set_title(f"{label}, {over}" + (f"\n{caveat}" if spread == "decoding seeds" else ""))
     axes[0].legend(fontsize=8)
