@@ -139,10 +139,18 @@ def _train_rescored(cfg: Config, out: Path, fault, setup, latest: dict | None) -
                 storage.pull(cfg.run.output_dir, RunDir.of(cfg).root)
         if stage + 1 == stages:
             return
+        if _takes_the_rest(cfg, setup, stage + 1):
+            continue  # a round would change no sample and (shuffled) no batch
         rounds = rescore.read_rounds(out, stage + 1)
         if len(rounds) < stage + 1:
             rounds.append(_rescore_round(cfg, out, setup, rounds, stage))
         setup, latest = _setup(cfg, out, fault, rounds)
+
+
+def _takes_the_rest(cfg: Config, setup, stage: int) -> bool:
+    """Stage `stage` uses every sample and shuffles them: re-ranking the rest before it
+    changes nothing (with curriculum.shuffle false it would change the batches' order)."""
+    return cfg.curriculum.shuffle and setup.plan[stage].size == setup.n
 
 
 def _rescore_round(cfg: Config, out: Path, setup, rounds: list[list[str]], stage: int) -> list[str]:
