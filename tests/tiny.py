@@ -7,7 +7,7 @@ from pocl_ray.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = [
-    "data.builtin_size=131",  # 108 training rows: the step counts the tests name
+    "data.builtin_size=135",  # 112 training rows: the step and sample counts the tests name
     "teacher.hidden_size=32",
     "teacher.num_layers=2",
     "teacher.num_heads=2",
